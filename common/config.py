@@ -1,0 +1,386 @@
+"""Typed, validated experiment configuration.
+
+A YAML file may `extends:` another (path relative to itself); the child's keys override the parent's, recursively.
+Command-line overrides `--set train.lr=1e-4` are applied last (values parsed as YAML). Every default lives once, in
+the dataclasses below. An unknown key, a wrong type, an invalid choice or a malformed target distribution is an
+error naming the file, the key path, the value, and what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the file, the key path and what is valid."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    name: str = "runwayml/stable-diffusion-v1-5"
+    """hub id, local diffusers folder, `toy` (the shipped toy world) or `tiny` (random SD-shaped weights, tests)"""
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp16"
+    """dtype of the frozen weights; trainable tensors are always fp32"""
+    text_encoder_dtype: Literal["fp32", "fp16", "bf16"] | None = None
+    """override for the text encoder (exp-2 keeps it in fp32); None = `dtype`"""
+
+
+@dataclass
+class FinetuneConfig:
+    text_encoder_lora: bool = True
+    unet_lora: bool = False
+    rank: int = 50
+    """LoRA rank; alpha = rank (scale 1), as the authors"""
+    prefix_tokens: int = 0
+    """> 0 trains that many soft prefix tokens instead of LoRA (exp-2)"""
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if self.prefix_tokens < 0:
+            raise ValueError(f"prefix_tokens must be >= 0, got {self.prefix_tokens}")
+        if self.prefix_tokens and (self.text_encoder_lora or self.unet_lora):
+            raise ValueError("prefix_tokens > 0 trains only the prefix tokens: set text_encoder_lora and unet_lora to false")
+        if not (self.prefix_tokens or self.text_encoder_lora or self.unet_lora):
+            raise ValueError("nothing to train: enable text_encoder_lora, unet_lora or prefix_tokens")
+
+
+@dataclass
+class AttributeConfig:
+    head: str | None = None
+    """classifier output this attribute is read from (default: the attribute's own name)"""
+    target: list[float] | Literal["uniform"] | None = None
+    """target distribution over the classes; None = the preset's (gender/race uniform, age 75/25)"""
+    factor1: float = 1.0
+    """dynamic CLIP/DINO weight of an image whose target flips this attribute (lambda_img,2 / lambda_img,1)"""
+    factor2: float = 1.0
+    """gradient factor inside the face region of such an image"""
+
+
+@dataclass
+class PromptsConfig:
+    file: str = "data/prompts/occupation.json"
+    train: list[str] = field(default_factory=lambda: ["occupations"])
+    """prompt sets of `file` (or `other.json:key` entries with repetition `name*6`) used for training"""
+    val: list[str] = field(default_factory=lambda: ["occupations_val"])
+    test: list[str] = field(default_factory=lambda: ["occupations_test"])
+    val_limit: int | None = None
+    """use only the first N validation prompts of each set"""
+
+
+@dataclass
+class JudgesConfig:
+    classifier: str = "celeba80"
+    """registry name of the attribute classifier (`python -m common.classifiers list`)"""
+    classifier_path: str | None = None
+    detector: str = "mtcnn"
+    """face detector: mtcnn | whole-image | toy"""
+    features: list[str] = field(default_factory=lambda: ["clip", "dino"])
+    """image encoders of the semantics-preservation loss"""
+    face_encoder: str | None = "facenet"
+    """face-identity encoder for the realism loss (facenet | sfnet20 | toy | None)"""
+    face_bank: str | None = None
+    """face-feature bank file (.pt or the authors' face_feats.pkl); None disables the nearest-neighbour target"""
+
+
+@dataclass
+class LossConfig:
+    w_img: float = 8.0
+    w_face: float = 1.0
+    confidence_threshold: float = 0.8
+    """C: images whose expected-OT confidence is below C get no alignment target (the authors' 1 - 0.2)"""
+    face_confidence: float = 0.9
+    """the original face is the realism target when its prediction is at least this confident"""
+    no_face_weight: float | None = None
+    """CLIP/DINO weight of an image with no face; None = 1 for one attribute, min factor1 for several (authors)"""
+    alignment_method: Literal["auto", "binary", "exact", "monte_carlo"] = "auto"
+    mc_samples: int = 100
+    """Monte Carlo samples per process"""
+    exact_mass: float | None = None
+    """truncate exact enumeration to this probability mass (0.95 reproduces the authors' exp-6)"""
+    age_asymmetric_cost: bool = False
+    """reproduce the authors' exp-4 cost (the young-probability deviation doubled for an old target)"""
+
+
+@dataclass
+class SamplingConfig:
+    train_steps: list[int] = field(default_factory=lambda: [19, 23])
+    """[min, max] denoising steps, drawn once per training step for all processes"""
+    val_steps: int = 25
+    test_steps: int = 30
+    guidance: float = 7.5
+    image_size: int = 512
+    dft: Literal["fast", "reference", "naive"] = "fast"
+    dft_last_k: int | None = None
+    """back-propagate only through the last K denoising steps"""
+    dft_chunk: int = 8
+    """(image, step) pairs per U-Net call in the fast form"""
+
+    def __post_init__(self):
+        if len(self.train_steps) != 2 or not 1 <= self.train_steps[0] <= self.train_steps[1]:
+            raise ValueError(f"train_steps must be [min, max] with 1 <= min <= max, got {self.train_steps}")
+
+
+@dataclass
+class TrainConfig:
+    images_per_prompt: int = 24
+    """GLOBAL images per prompt per step (the alignment batch), split evenly over processes"""
+    micro_batch: int = 4
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    max_steps: int = 10000
+    ema_decay: float = 0.996
+    checkpoint_every: int = 20
+    keep_checkpoints: int = 2
+    permanent_every: int = 200
+    validate_every: int = 200
+    val_images_per_prompt: int = 32
+    seed: int = 5991
+
+    def __post_init__(self):
+        for k in ("images_per_prompt", "micro_batch", "max_steps"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+
+
+@dataclass
+class LoggingConfig:
+    backend: Literal["wandb", "tensorboard", "none"] = "tensorboard"
+    project: str = "fair-diffusion"
+    run_name: str | None = None
+
+
+@dataclass
+class PathsConfig:
+    output_dir: str = "outputs/run"
+    data_dir: str = "data"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    attributes: dict[str, AttributeConfig] = field(default_factory=lambda: {"gender": AttributeConfig()})
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    judges: JudgesConfig = field(default_factory=JudgesConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    source: str = field(default="<defaults>", metadata={"internal": True})
+
+    def attribute_specs(self):
+        """The configured attributes as `common.attributes.Attribute`s, targets resolved, in config order."""
+        from common.attributes import PRESETS, Attribute, uniform
+
+        out = []
+        for name, ac in self.attributes.items():
+            base = PRESETS.get(name)
+            if base is None:
+                raise ConfigError(f"{self.source}: attributes.{name}: unknown attribute; presets are {sorted(PRESETS)}")
+            target = ac.target
+            if target == "uniform":
+                target = uniform(base.num_classes)
+            try:
+                out.append(base.with_target(target))
+            except ValueError as e:
+                raise ConfigError(f"{self.source}: attributes.{name}.target = {target}: {e}") from None
+        return out
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "attributes":
+            out[k] = _merge(out[k], v)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict) and k == "attributes":
+            # an attribute map replaces the parent's set of attributes, but each entry merges with its namesake
+            out[k] = {a: _merge(out[k].get(a) or {}, av or {}) for a, av in v.items()}
+        else:
+            out[k] = v
+    return out
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in chain:
+        raise ConfigError(f"{path}: `extends` cycle through {' -> '.join(map(str, chain))}")
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    parent = data.pop("extends", None)
+    if parent is not None:
+        data = _merge(_read_yaml(path.parent / parent, chain + (path,)), data)
+    return data
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"mapping of {_type_name(typing.get_args(tp)[1])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp, where: str, source: str):
+    """Check/convert `value` to type `tp`; raise ConfigError naming `where`."""
+    origin = typing.get_origin(tp)
+    bad = lambda: ConfigError(f"{source}: {where} = {value!r}: expected {_type_name(tp)}")  # noqa: E731
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for alt in typing.get_args(tp):
+            try:
+                return _convert(value, alt, where, source)
+            except ConfigError as e:
+                errors.append(e)
+        raise bad()
+    if tp is type(None):
+        if value is None:
+            return None
+        raise bad()
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in typing.get_args(tp)], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{source}: {where} = {value!r}: expected one of {_type_name(tp)}{hint}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad()
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{where}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad()
+        _, item = typing.get_args(tp)
+        return {str(k): _convert(v if v is not None else {}, item, f"{where}.{k}", source) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {where or 'top level'} = {value!r}: expected a mapping of the keys of {tp.__name__}")
+        return _build(tp, value, where, source)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad()
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 5e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad() from None
+        raise bad()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad()
+    raise bad()
+
+
+def _build(cls, data: dict, prefix: str, source: str):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{source}: unknown key '{where}'{hint}; valid keys here: {', '.join(fields)}")
+        kwargs[key] = _convert(value, hints[key], where, source)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ConfigError(f"{source}: {prefix or 'config'}: {e}") from None
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=c` -> (['a', 'b'], yaml-parsed c)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a config file (with `extends`) and apply `--set` overrides. Validates everything, including targets."""
+    source = str(path) if path is not None else "<defaults>"
+    data = _read_yaml(Path(path)) if path is not None else {}
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item}: '{k}' is not a section")
+        node[keys[-1]] = value
+        source_note = " (+ --set overrides)"
+        if not source.endswith(source_note):
+            source += source_note
+    cfg = _build(Config, data, "", source)
+    cfg.source = source
+    cfg.attribute_specs()  # validates the target distributions now, with the file name
+    for name, ac in cfg.attributes.items():
+        for f in ("factor1", "factor2"):
+            v = getattr(ac, f)
+            if not (0 <= v <= 1) or math.isnan(v):
+                raise ConfigError(f"{source}: attributes.{name}.{f} = {v}: expected a number in [0, 1]")
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the fully resolved config (every default spelled out) as YAML."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def add_config_args(parser) -> None:
+    """`--config FILE` and repeatable `--set KEY=VALUE` for a command-line tool."""
+    parser.add_argument("--config", required=True, help="experiment YAML (may `extends:` a base file)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.lr=1e-4 (repeatable)")
