@@ -32,6 +32,8 @@ class Components:
     vae: torch.nn.Module
     scheduler: object
     name: str = ""
+    prompt_prefix: str = ""
+    """text put in front of every prompt of the finetuned model (exp-2's soft tokens); set by `common.adapters`"""
 
     @property
     def vae_scale(self) -> float:
