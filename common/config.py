@@ -1,6 +1,7 @@
 """Typed, validated experiment configuration.
 
-A YAML file may `extends:` another (path relative to itself); the child's keys override the parent's, recursively.
+A YAML file may `extends:` another file or a list of files (paths relative to itself; later ones override earlier
+ones); the child's keys override the parents', recursively.
 Command-line overrides `--set train.lr=1e-4` are applied last (values parsed as YAML). Every default lives once, in
 the dataclasses below. An unknown key, a wrong type, an invalid choice or a malformed target distribution is an
 error naming the file, the key path, the value, and what is valid.
@@ -73,13 +74,13 @@ class AttributeConfig:
 
 @dataclass
 class PromptsConfig:
-    file: str = "data/prompts/occupation.json"
-    train: list[str] = field(default_factory=lambda: ["occupations"])
-    """prompt sets of `file` (or `other.json:key` entries with repetition `name*6`) used for training"""
-    val: list[str] = field(default_factory=lambda: ["occupations_val"])
-    test: list[str] = field(default_factory=lambda: ["occupations_test"])
+    train: list[str] = field(default_factory=lambda: ["occupation.json:train"])
+    """prompt sets `FILE:SPLIT[*REPEAT]` (see common/prompts.py); FILE is looked up in data/1-prompts (the authors'
+    data.zip) then data/prompts; `toy:train` / `toy:heldout` are the toy world's"""
+    val: list[str] = field(default_factory=lambda: ["occupation.json:val"])
+    test: list[str] = field(default_factory=lambda: ["occupation.json:test"])
     val_limit: int | None = None
-    """use only the first N validation prompts of each set"""
+    """use only the first N prompts of each validation set (exp-5: 5)"""
 
 
 @dataclass
@@ -238,10 +239,17 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    parent = data.pop("extends", None)
-    if parent is not None:
-        data = _merge(_read_yaml(path.parent / parent, chain + (path,)), data)
-    return data
+    parents = data.pop("extends", None)
+    if parents is None:
+        return data
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        raise ConfigError(f"{path}: extends = {parents!r}: expected a file name or a list of file names")
+    merged: dict = {}
+    for parent in parents:  # later parents override earlier ones; the file itself overrides them all
+        merged = _merge(merged, _read_yaml(path.parent / parent, chain + (path,)))
+    return _merge(merged, data)
 
 
 def _type_name(tp) -> str:

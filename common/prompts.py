@@ -1,0 +1,84 @@
+"""Prompt sets: `FILE:SPLIT[*REPEAT]` specs resolved to lists of complete prompts.
+
+FILE is a JSON in the authors' layout (data.zip `1-prompts/`), looked up in `data/1-prompts/` first (so an unpacked
+data.zip wins) and then in the project's own `data/prompts/`; an explicit path also works. A `.txt` file holds one
+prompt per line. SPLIT is `train`, `val` or `test`, or any key of the file holding a list of prompts. `toy:SPLIT` names
+the toy world's prompts (`train`, `heldout`, `val`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SPLITS = {
+    # split -> (templates key, occupations key) for occupation.json; otherwise a `{split}_prompts` key
+    "train": ("prompt_templates_train", "occupations_train_set"),
+    "val": ("prompt_templates_test", "occupations_val_set"),
+    "test": ("prompt_templates_test", "occupations_test_set"),
+}
+
+
+def resolve_file(name: str, data_dir: str | Path = "data") -> Path:
+    """Find a prompt file: an existing path, else data/1-prompts/NAME, else data/prompts/NAME."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    data = Path(data_dir)
+    for cand in (data / "1-prompts" / name, data / "prompts" / name):
+        if cand.is_file():
+            return cand
+    raise FileNotFoundError(
+        f"prompt file '{name}' not found as a path, in {data / '1-prompts'} (the authors' data.zip) or in {data / 'prompts'}"
+    )
+
+
+def _from_json(path: Path, split: str) -> list[str]:
+    d = json.loads(path.read_text())
+    if split == "test" and "test_prompts" in d:
+        return list(d["test_prompts"])
+    if split in SPLITS and SPLITS[split][1] in d:
+        tkey, okey = SPLITS[split]
+        templates = d.get(tkey) or d.get("prompt_templates_test") or d.get("prompt_templates_train")
+        if not templates:
+            raise KeyError(f"{path}: split '{split}' needs the key '{tkey}' (a list of templates with '{{occupation}}')")
+        return [t.format(occupation=o) for o in d[okey] for t in templates]
+    for key in (f"{split}_prompts", split):
+        if key in d:
+            if not isinstance(d[key], list) or not all(isinstance(x, str) for x in d[key]):
+                raise ValueError(f"{path}: key '{key}' must be a list of prompt strings")
+            return list(d[key])
+    keys = [k for k, v in d.items() if isinstance(v, list)]
+    raise KeyError(f"{path}: no prompts for split '{split}'; list-valued keys in the file: {keys}")
+
+
+def load_prompts(spec: str, data_dir: str | Path = "data") -> list[str]:
+    """Prompts of one `FILE:SPLIT[*REPEAT]` spec (REPEAT oversamples a small set, as exp-5's mixing)."""
+    repeat = 1
+    if "*" in spec:
+        spec, rep = spec.rsplit("*", 1)
+        if not rep.isdigit() or int(rep) < 1:
+            raise ValueError(f"prompt spec '{spec}*{rep}': the repetition must be a positive integer")
+        repeat = int(rep)
+    name, _, split = spec.rpartition(":") if ":" in spec else (spec, "", "")
+    if name == "toy":
+        from common.toy.world import toy_prompts
+
+        prompts = toy_prompts(split)
+    else:
+        path = resolve_file(name, data_dir)
+        if path.suffix == ".txt":
+            prompts = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+        else:
+            prompts = _from_json(path, split or "test")
+    if not prompts:
+        raise ValueError(f"prompt spec '{spec}' resolved to no prompts")
+    return prompts * repeat
+
+
+def load_prompt_sets(specs: list[str], data_dir: str | Path = "data", limit: int | None = None) -> list[str]:
+    """Concatenate several specs; `limit` keeps the first N prompts of each."""
+    out: list[str] = []
+    for s in specs:
+        out += load_prompts(s, data_dir)[: limit or None]
+    return out
