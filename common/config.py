@@ -88,6 +88,8 @@ class JudgesConfig:
     classifier: str = "celeba80"
     """registry name of the attribute classifier (`python -m common.classifiers list`)"""
     classifier_path: str | None = None
+    eval_classifier: str = "eval"
+    """classifier(s) of `common.evaluate`: the authors' separate evaluation heads by default"""
     detector: str = "mtcnn"
     """face detector: mtcnn | whole-image | toy"""
     features: list[str] = field(default_factory=lambda: ["clip", "dino"])
@@ -123,6 +125,8 @@ class SamplingConfig:
     """[min, max] denoising steps, drawn once per training step for all processes"""
     val_steps: int = 25
     test_steps: int = 30
+    test_images_per_prompt: int = 60
+    """images per test prompt for evaluation (authors: 60 gender, 80 race, 160 gender x race and age)"""
     guidance: float = 7.5
     image_size: int = 512
     dft: Literal["fast", "reference", "naive"] = "fast"
@@ -187,7 +191,7 @@ class Config:
 
     def attribute_specs(self):
         """The configured attributes as `common.attributes.Attribute`s, targets resolved, in config order."""
-        from common.attributes import PRESETS, Attribute, uniform
+        from common.attributes import PRESETS, uniform
 
         out = []
         for name, ac in self.attributes.items():

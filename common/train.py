@@ -1,0 +1,488 @@
+"""The one training loop for every experiment.
+
+    python -m common.train --config exp-1-debias-gender/configs/debias-text-encoder.yaml [--set key=value ...]
+    accelerate launch --config_file exp-1-debias-gender/configs/accelerate-multi-gpu.yaml -m common.train --config ...
+
+One step (shared/ARCHITECTURE.md): one prompt for every process, fresh noise per process, denoising steps drawn once;
+no-grad rollouts of the finetuned and the original model; detect + classify; alignment targets on the gathered batch;
+the loss on the finetuned images; adjusted-DFT gradients; one all-reduce; a step skipped everywhere if any gradient is
+non-finite; AdamW and EMA. The loop orchestrates only: the mathematics lives in alignment, sampling and losses.
+
+All randomness of a step derives from (seed, step, rank), so a resumed run reproduces the uninterrupted one exactly;
+the RNG states are saved and restored as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from common import adapters as ad
+from common.alignment import assign, expected_targets
+from common.config import Config, add_config_args, load_config, save_config
+from common.losses import FairnessLoss, LossWeights, judge
+from common.models import load_components
+from common.prompts import load_prompt_sets
+from common.sampling import Conditioning, dft_backward, encode_prompts, sample
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+NAN_HOOK = "FAIR_DIFFUSION_TEST_NAN"  # test hook: "RANK:STEP" makes that rank's gradient NaN at that step
+
+
+def derive_seed(*parts) -> int:
+    """A stable 63-bit seed from any parts (sha256; never Python's randomised hash())."""
+    h = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def prompt_for_step(prompts: list[str], seed: int, step: int) -> str:
+    """The training prompt of a step: prompts reshuffled every epoch by a seed of (seed, epoch); same on every rank."""
+    epoch, k = divmod(step, len(prompts))
+    order = list(range(len(prompts)))
+    random.Random(derive_seed(seed, "epoch", epoch)).shuffle(order)
+    return prompts[order[k]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Logging
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class RunLogger:
+    """Every scalar goes to RUN_DIR/metrics.csv (long format: step, key, value) and to the configured tracker."""
+
+    def __init__(self, accelerator, cfg: Config, run_dir: Path):
+        self.acc, self.main = accelerator, accelerator.is_main_process
+        self.path = run_dir / "metrics.csv"
+        if self.main and not self.path.exists():
+            self.path.write_text("step,key,value\n")
+        self.tracking = cfg.logging.backend != "none"
+        if self.tracking:
+            if cfg.logging.backend == "wandb" and not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
+                os.environ["WANDB_MODE"] = "offline"  # no credentials: log locally, sync later with `wandb sync`
+            accelerator.init_trackers(cfg.logging.project, config=_flat(cfg.to_dict()),
+                                      init_kwargs={"wandb": {"name": cfg.logging.run_name or run_dir.name,
+                                                             "dir": str(run_dir)}} if cfg.logging.backend == "wandb" else {})
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        if not self.main or not values:
+            return
+        with self.path.open("a", newline="") as f:
+            w = csv.writer(f)
+            for k, v in values.items():
+                w.writerow([step, k, f"{float(v):.6g}"])
+        if self.tracking:
+            self.acc.log({k: float(v) for k, v in values.items()}, step=step)
+
+    def close(self):
+        if self.tracking:
+            self.acc.end_training()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, int | float | str | bool) or v is None else str(v)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The trainer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Builds everything from a config and runs the loop. Public for tests: `step()`, `validate()`, `save()`."""
+
+    def __init__(self, cfg: Config, accelerator=None, resume: str | None = None):
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(), log_with=_tracker(cfg))
+        self.device = self.acc.device
+        self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        gipp = cfg.train.images_per_prompt
+        if gipp % self.world:
+            raise ValueError(f"train.images_per_prompt = {gipp} must be divisible by the number of processes ({self.world})")
+        self.n_local = gipp // self.world
+        self.run_dir = Path(cfg.paths.output_dir)
+        dtype = DTYPES[cfg.model.dtype]
+        if self.device.type == "cpu" and dtype != torch.float32:
+            self.acc.print(f"[train] model.dtype={cfg.model.dtype} on CPU: running the frozen weights in fp32 instead "
+                           "(half precision is for GPUs)")
+            dtype = torch.float32
+        te_dtype = DTYPES[cfg.model.text_encoder_dtype] if cfg.model.text_encoder_dtype else dtype
+        if self.device.type == "cpu":
+            te_dtype = torch.float32
+        self.dtype = dtype
+        torch.manual_seed(cfg.train.seed)  # identical adapter initialisation on every process
+
+        # models and adapters
+        self.comps = load_components(cfg.model.name, dtype=dtype, device=self.device, text_encoder_dtype=te_dtype)
+        ft = cfg.finetune
+        if ft.prefix_tokens:
+            ad.add_prefix_tokens(self.comps, ft.prefix_tokens, cfg.train.seed)
+            self.conditioning = "reference_unmasked"  # the authors' prefix path encoded "" without a mask
+        else:
+            ad.add_lora(self.comps, ft.text_encoder_lora, ft.unet_lora, ft.rank)
+            self.conditioning = "reference"
+        self.unet_shared = not ft.unet_lora  # finetuned and original model share the U-Net: one rollout for both
+        self.params = ad.trainable_parameters(self.comps)
+        self.opt = torch.optim.AdamW(self.params.values(), lr=cfg.train.lr, betas=(0.9, 0.999),
+                                     weight_decay=cfg.train.weight_decay, eps=1e-8)
+        self.ema = ad.EMA(self.params, decay=cfg.train.ema_decay)
+
+        # judges
+        from common.classifiers import load_classifier
+        from common.faces import get_detector
+        from common.features import FaceBank, load_face_encoder, load_image_encoder
+
+        j = cfg.judges
+        self.attrs = cfg.attribute_specs()
+        self.heads = {a.name: cfg.attributes[a.name].head or a.name for a in self.attrs}
+        self.classifier = load_classifier(j.classifier, j.classifier_path, device=self.device, dtype=dtype)
+        self.detector = get_detector(j.detector, device=self.device)
+        self.encoders = [load_image_encoder(n, device=self.device, dtype=dtype) for n in j.features]
+        self.face_encoder = load_face_encoder(j.face_encoder, device=self.device, dtype=dtype) if j.face_encoder else None
+        self.face_bank = FaceBank.load(j.face_bank).to(self.device) if j.face_bank else None
+        lw = cfg.loss
+        self.weights = LossWeights(
+            w_img=lw.w_img, w_face=lw.w_face,
+            factor1={a.name: cfg.attributes[a.name].factor1 for a in self.attrs},
+            factor2={a.name: cfg.attributes[a.name].factor2 for a in self.attrs},
+            face_confidence=lw.face_confidence, no_face_weight=lw.no_face_weight,
+        )
+
+        # prompts
+        self.train_prompts = load_prompt_sets(cfg.prompts.train, cfg.paths.data_dir)
+        self.val_prompts = load_prompt_sets(cfg.prompts.val, cfg.paths.data_dir, cfg.prompts.val_limit)
+
+        self.step_count = 0
+        self._val_orig_cache: dict | None = None
+        if self.acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        self.acc.wait_for_everyone()
+        if resume:
+            self.load(resume)
+        self.logger = RunLogger(self.acc, cfg, self.run_dir)
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    def noise(self, tag, n: int, offset: int = 0) -> torch.Tensor:
+        """[n, C, h, w] fp32 noise from a seed of (seed, tag, rank): reproducible, different per process."""
+        shape = self.comps.latent_shape(self.cfg.sampling.image_size)
+        g = torch.Generator().manual_seed(derive_seed(self.cfg.train.seed, tag, self.rank, offset))
+        return torch.randn((n, *shape), generator=g).to(self.device)
+
+    def _rollouts(self, prompts: list[str], noise: torch.Tensor, steps: int, trajectory: bool):
+        """No-grad rollouts of the finetuned and the original model from the same noise -> (finetuned, original)."""
+        kw = dict(guidance=self.cfg.sampling.guidance, conditioning=self.conditioning)
+        n = noise.shape[0]
+        if self.unet_shared:
+            cond_ft = encode_prompts(self.comps, prompts, self.conditioning)
+            with ad.adapters_disabled(self.comps):
+                cond_orig = encode_prompts(self.comps, prompts, self.conditioning)
+            both = sample(self.comps, Conditioning.cat([cond_ft, cond_orig]), torch.cat([noise, noise]), steps,
+                          return_trajectory=trajectory, **kw)
+            return both.slice(torch.arange(n)), both.slice(torch.arange(n, 2 * n))
+        ft = sample(self.comps, prompts, noise, steps, return_trajectory=trajectory, **kw)
+        with ad.adapters_disabled(self.comps):
+            orig = sample(self.comps, prompts, noise, steps, **kw)
+        return ft, orig
+
+    def _gather_probs(self, probs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {a: self.acc.gather(p.contiguous()) for a, p in probs.items()} if self.world > 1 else probs
+
+    def targets_for(self, probs: dict[str, torch.Tensor], step: int):
+        """Alignment targets and confidences for this process's images: computed on the gathered batch."""
+        glob = self._gather_probs(probs)
+        group = torch.distributed.group.WORLD if self.world > 1 else None
+        q = expected_targets(
+            {a: p.double() for a, p in glob.items()}, {a.name: a.target for a in self.attrs},
+            method=self.cfg.loss.alignment_method, samples=self.cfg.loss.mc_samples,
+            seed=derive_seed(self.cfg.train.seed, "ot", step) % (2**31), mass=self.cfg.loss.exact_mass,
+            age_asymmetric=self.cfg.loss.age_asymmetric_cost, group=group,
+        )
+        mine = slice(self.rank * self.n_local, (self.rank + 1) * self.n_local)
+        targets, confidence = {}, {}
+        for a, qa in q.items():
+            t, c = assign(qa, self.cfg.loss.confidence_threshold)
+            targets[a], confidence[a] = t[mine].to(self.device), c[mine].to(self.device)
+        return targets, confidence, glob
+
+    # ------------------------------------------------------------------------------------------------ one step
+    def step(self) -> dict[str, float]:
+        cfg, step = self.cfg, self.step_count
+        prompt = prompt_for_step(self.train_prompts, cfg.train.seed, step)
+        lo, hi = cfg.sampling.train_steps
+        steps = random.Random(derive_seed(cfg.train.seed, "steps", step)).randint(lo, hi)  # same on every rank
+        noise = self.noise("train", self.n_local, step)
+        prompts = [prompt] * self.n_local
+        mode = cfg.sampling.dft
+        ft, orig = self._rollouts(prompts, noise, steps, trajectory=(mode == "fast"))
+        gen_j = judge(ft.images, self.detector, self.classifier, self.heads)
+        orig_j = judge(orig.images, self.detector, self.classifier, self.heads)
+        targets, _, glob = self.targets_for(gen_j.probs, step)
+        with torch.no_grad():
+            orig_feats = [enc(orig.images) for enc in self.encoders]
+            orig_face = None
+            if self.face_encoder is not None and cfg.loss.w_face > 0:
+                orig_face = self.face_encoder(orig_j.faces.aligned)
+        loss_fn = FairnessLoss(
+            classifier=self.classifier, heads=self.heads, gen=gen_j, orig=orig_j, targets=targets,
+            weights=self.weights, encoders=self.encoders, orig_features=orig_feats, face_encoder=self.face_encoder,
+            orig_face_features=orig_face, face_bank=self.face_bank, denominator=self.n_local,
+        )
+        self.opt.zero_grad(set_to_none=False)
+        for p in self.params.values():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        total, term_logs = 0.0, {}
+        for start in range(0, self.n_local, cfg.train.micro_batch):
+            idx = torch.arange(start, min(start + cfg.train.micro_batch, self.n_local))
+            logs_mb: dict[str, float] = {}
+
+            def fn(images, idx=idx, logs_mb=logs_mb):
+                loss, logs = loss_fn(images, idx)
+                logs_mb.update(logs)
+                return loss
+
+            loss = dft_backward(
+                self.comps, prompts[: len(idx)], noise[idx], steps, fn, mode=mode,
+                rollout=ft.slice(idx) if mode == "fast" else None, guidance=cfg.sampling.guidance,
+                conditioning=self.conditioning, last_k=cfg.sampling.dft_last_k, chunk=cfg.sampling.dft_chunk,
+            )
+            total += float(loss)
+            for k, v in logs_mb.items():
+                term_logs[k] = term_logs.get(k, 0.0) + v
+        inject = os.environ.get(NAN_HOOK)
+        if inject and inject == f"{self.rank}:{step}":
+            next(iter(self.params.values())).grad.view(-1)[0] = float("nan")
+        finite = self._all_reduce_grads()
+        if finite:
+            self.opt.step()
+            self.ema.step()
+        self.step_count += 1
+
+        # logging (batch statistics on the gathered probabilities of the finetuned images)
+        from common.metrics import bias
+
+        out = {"loss": total, "skipped": float(not finite), "steps": float(steps),
+               "faces": float((glob[self.attrs[0].name][:, 0] >= 0).float().mean())}
+        for a in self.attrs:
+            p = glob[a.name]
+            pred = torch.where(p[:, 0] >= 0, p.argmax(-1), torch.full_like(p[:, 0], -1).long())
+            out[f"bias_{a.name}"] = bias(pred.cpu(), a.num_classes)
+            out[f"targets_{a.name}"] = float((targets[a.name] >= 0).float().mean())
+        out.update({k: v / self.n_local for k, v in term_logs.items()})
+        out["lora_norm"] = float(torch.stack([p.detach().norm() for p in self.params.values()]).mean())
+        return out
+
+    def _all_reduce_grads(self) -> bool:
+        """Average the gradients over processes as ONE flat buffer; True when every entry is finite on every rank
+        (checked after the reduction, so all processes agree: the authors' rank-local check is not repeated)."""
+        grads = [p.grad for p in self.params.values()]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        if self.world > 1:
+            torch.distributed.all_reduce(flat)
+            flat /= self.world
+        finite = bool(torch.isfinite(flat).all())
+        off = 0
+        for g in grads:
+            n = g.numel()
+            g.copy_(flat[off : off + n].view_as(g))
+            off += n
+        return finite
+
+    # ------------------------------------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Per-prompt and mean bias of the current and the EMA weights on validation noise fixed for the whole run;
+        annotated grids (original vs finetuned) in RUN_DIR/val/."""
+        from common.metrics import bias
+        from common.plots import annotated_grid
+
+        cfg = self.cfg
+        per = max(1, cfg.train.val_images_per_prompt // self.world)
+        steps = cfg.sampling.val_steps
+        kw = dict(guidance=cfg.sampling.guidance, conditioning=self.conditioning)
+        out: dict[str, float] = {}
+        val_dir = self.run_dir / "val"
+        if self._val_orig_cache is None:  # the original model never changes: sample and judge it once
+            cache = {}
+            for i, prompt in enumerate(self.val_prompts):
+                noise = self.noise("val", per, i)
+                with ad.adapters_disabled(self.comps):
+                    r = sample(self.comps, [prompt] * per, noise, steps, **kw)
+                cache[i] = (r.images.cpu(), judge(r.images, self.detector, self.classifier, self.heads))
+            self._val_orig_cache = cache
+        variants = {"main": None, "ema": self.ema}
+        for name, ema in variants.items():
+            ctx = ema.swapped() if ema is not None else _null()
+            with ctx:
+                for i, prompt in enumerate(self.val_prompts):
+                    noise = self.noise("val", per, i)
+                    r = sample(self.comps, [prompt] * per, noise, steps, **kw)
+                    j = judge(r.images, self.detector, self.classifier, self.heads)
+                    probs = self._gather_probs(j.probs)
+                    orig_images, orig_j = self._val_orig_cache[i]
+                    orig_probs = self._gather_probs(orig_j.probs)
+                    for a in self.attrs:
+                        for tag, pr in ((name, probs), ("orig", orig_probs)):
+                            p = pr[a.name]
+                            pred = torch.where(p[:, 0] >= 0, p.argmax(-1), torch.full_like(p[:, 0], -1).long())
+                            b = bias(pred.cpu(), a.num_classes)
+                            out[f"val_{tag}_bias_{a.name}_p{i}"] = b
+                            out[f"val_{tag}_bias_{a.name}"] = out.get(f"val_{tag}_bias_{a.name}", 0.0) + b / len(self.val_prompts)
+                    if self.acc.is_main_process and i < 4:
+                        val_dir.mkdir(parents=True, exist_ok=True)
+                        attrs = self.attrs
+                        for tag, imgs, jj in ((name, r.images.cpu(), j), ("orig", orig_images, orig_j)):
+                            if tag == "orig" and (self.step_count > 0 or name == "ema"):
+                                continue
+                            grid = annotated_grid(imgs, jj.faces.boxes.cpu(), {k: v.cpu() for k, v in jj.probs.items()},
+                                                  jj.faces.found.cpu(), attrs)
+                            grid.save(val_dir / f"step{self.step_count:06d}_p{i}_{tag}.png")
+        return out
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def save(self, permanent: bool) -> Path:
+        """Write a checkpoint atomically (temporary folder, then rename); rolling ones beyond `keep_checkpoints` go."""
+        cfg, step = self.cfg, self.step_count
+        ckpts = self.run_dir / "ckpts"
+        name = f"checkpoint-{step}" if permanent else f"checkpoint_tmp-{step}"
+        final, tmp = ckpts / name, ckpts / f".{name}.partial"
+        from safetensors.torch import save_file
+
+        if self.acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_file({k: v.detach().cpu().contiguous() for k, v in ad.trainable_state_dict(self.comps).items()},
+                      str(tmp / "trainable.safetensors"))
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.ema.shadow.items()}, str(tmp / "ema.safetensors"))
+            torch.save({"optimizer": self.opt.state_dict(), "ema": {k: v for k, v in self.ema.state_dict().items()
+                                                                     if k != "shadow"}}, tmp / "optimizer.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, "world_size": self.world, "seed": cfg.train.seed}))
+        self.acc.wait_for_everyone()
+        torch.save(_rng_state(), tmp / f"rng_rank{self.rank}.pt")
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            if not permanent:
+                rolling = sorted(ckpts.glob("checkpoint_tmp-*"), key=lambda p: int(p.name.split("-")[-1]))
+                for old in rolling[: max(0, len(rolling) - cfg.train.keep_checkpoints)]:
+                    shutil.rmtree(old)
+        self.acc.wait_for_everyone()
+        return final
+
+    def load(self, which: str) -> None:
+        """Restore adapters, optimizer, EMA, step and this process's RNG state from `latest` or a folder."""
+        from safetensors.torch import load_file
+
+        path = latest_checkpoint(self.run_dir) if which == "latest" else Path(which)
+        if path is None:
+            raise FileNotFoundError(f"--resume latest: no checkpoint under {self.run_dir / 'ckpts'}")
+        for f in ("trainable.safetensors", "ema.safetensors", "optimizer.pt", "state.json"):
+            if not (path / f).is_file():
+                raise FileNotFoundError(f"{path} is not a complete checkpoint: {f} is missing")
+        ad.load_trainable_state_dict(self.comps, load_file(str(path / "trainable.safetensors")))
+        extra = torch.load(path / "optimizer.pt", weights_only=True)
+        self.opt.load_state_dict(extra["optimizer"])
+        self.ema.load_state_dict({**extra["ema"], "shadow": load_file(str(path / "ema.safetensors"))})
+        state = json.loads((path / "state.json").read_text())
+        self.step_count = int(state["step"])
+        rng = path / f"rng_rank{self.rank}.pt"
+        if rng.is_file():
+            _set_rng_state(torch.load(rng, weights_only=False))
+        elif state.get("world_size") == self.world:
+            raise FileNotFoundError(f"{rng} is missing: every process's RNG state is saved with the checkpoint")
+        self.acc.print(f"[train] resumed from {path} at step {self.step_count}")
+
+    # ------------------------------------------------------------------------------------------------ the loop
+    def fit(self) -> None:
+        cfg = self.cfg
+        tr = cfg.train
+        bar = tqdm(total=tr.max_steps, initial=self.step_count, desc="train", disable=not self.acc.is_main_process,
+                   dynamic_ncols=True)
+        if self.step_count == 0 and tr.validate_every > 0:
+            self.logger.log(self.validate(), 0)
+        while self.step_count < tr.max_steps:
+            t0 = time.time()
+            logs = self.step()
+            logs["seconds"] = time.time() - t0
+            s = self.step_count
+            self.logger.log(logs, s)
+            bar.update(1)
+            bar.set_postfix({"loss": f"{logs['loss']:.3f}", **{k: f"{v:.2f}" for k, v in logs.items() if k.startswith("bias_")}})
+            if tr.validate_every and (s % tr.validate_every == 0 or s == tr.max_steps):
+                self.logger.log(self.validate(), s)
+            if tr.permanent_every and s % tr.permanent_every == 0:
+                self.save(permanent=True)
+            elif tr.checkpoint_every and s % tr.checkpoint_every == 0:
+                self.save(permanent=False)
+        if not (self.run_dir / "ckpts" / f"checkpoint-{self.step_count}").exists():
+            self.save(permanent=True)
+        bar.close()
+        self.logger.close()
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint folder (permanent or rolling) with the highest step, or None."""
+    ckpts = [p for p in (Path(run_dir) / "ckpts").glob("checkpoint*-*") if p.is_dir() and not p.name.startswith(".")]
+    return max(ckpts, key=lambda p: int(p.name.rsplit("-", 1)[-1]), default=None)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _tracker(cfg: Config):
+    return None if cfg.logging.backend == "none" else cfg.logging.backend
+
+
+def _rng_state() -> dict:
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description="Finetune a diffusion model for fairness (one training loop for every experiment).")
+    add_config_args(ap)
+    ap.add_argument("--resume", default=None, help="`latest` or a checkpoint folder")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    Trainer(cfg, resume=args.resume).fit()
+
+
+if __name__ == "__main__":
+    main()

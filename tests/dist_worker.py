@@ -1,0 +1,59 @@
+"""Run under `accelerate launch --multi_gpu --num_processes 2` (CPU, gloo) by tests/test_train.py.
+
+Checks, written to the JSON file named by argv[1] (rank 0): the alignment targets computed on the gathered batch equal
+the one-process computation on the same probabilities; the parameters are identical on both processes after each step;
+a NaN injected on one process (FAIR_DIFFUSION_TEST_NAN) skips that step on both.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+
+from common.alignment import assign, expected_targets  # noqa: E402
+from common.config import load_config  # noqa: E402
+from common.train import Trainer  # noqa: E402
+from train_helpers import tiny_overrides  # noqa: E402
+
+
+def flat_params(tr):
+    return torch.cat([p.detach().reshape(-1) for p in tr.params.values()])
+
+
+def main():
+    out_file, run_dir, config = sys.argv[1], sys.argv[2], sys.argv[3]
+    acc = Accelerator(cpu=True)
+    cfg = load_config(config, tiny_overrides(run_dir, "train.max_steps=3", "finetune.rank=4"))
+    tr = Trainer(cfg, accelerator=acc)
+    res = {"world": acc.num_processes}
+
+    # 1. targets on the gathered batch == one-process computation on the same probabilities
+    g = torch.Generator().manual_seed(10 + acc.process_index)
+    probs = {a.name: torch.softmax(torch.randn(tr.n_local, a.num_classes, generator=g), -1) for a in tr.attrs}
+    targets, conf, glob = tr.targets_for(probs, step=0)
+    all_t = {a: acc.gather(t) for a, t in targets.items()}
+    q1 = expected_targets({a: p.double() for a, p in glob.items()}, {a.name: a.target for a in tr.attrs}, method="exact")
+    res["targets_equal"] = all(torch.equal(all_t[a], assign(q1[a], cfg.loss.confidence_threshold)[0]) for a in q1)
+
+    # 2. identical parameters after each step; 3. NaN on rank 1 at step 1 skips the step on both processes
+    res["identical"], res["skipped"], res["changed"] = [], [], []
+    for _ in range(3):
+        before = flat_params(tr).clone()
+        logs = tr.step()
+        p = flat_params(tr)
+        both = acc.gather(p[None])
+        res["identical"].append(bool(torch.equal(both[0], both[1])))
+        res["skipped"].append(logs["skipped"])
+        res["changed"].append(acc.gather(torch.tensor([float(not torch.equal(p, before))])).tolist())
+    if acc.is_main_process:
+        Path(out_file).write_text(json.dumps(res))
+    acc.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main()

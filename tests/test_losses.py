@@ -1,0 +1,65 @@
+"""Loss pieces against hand-derived values: dynamic weights and face-region factors (the paper's 8 / 1.6 / 0.32 and
+the joint table), the box-intersection mask (with the authors' no-face slicing bug NOT repeated), gradient scaling."""
+
+import pytest
+import torch
+
+from common.losses import box_intersection_mask, dynamic_weights, flip_factor, scale_gradient
+
+T = lambda *v: torch.tensor(v)  # noqa: E731
+
+
+def test_single_attribute_weights_match_paper():
+    # images: target = original; target flips; dropped target (-1); no face in the generated image
+    targets = {"gender": T(1, 0, -1, -1)}
+    orig = {"gender": T(1, 1, 0, 1)}
+    found = T(True, True, True, False)
+    w = dynamic_weights(targets, orig, found, {"gender": 0.2})
+    assert w.tolist() == pytest.approx([1, 0.2, 0.2, 1])  # exp-1: no-face images weigh 1
+    w_img = 8 * w
+    region = 8 * w * flip_factor(targets, orig, {"gender": 0.2})
+    # lambda_img,1 = 8 (consistent), lambda_img,2 = 1.6 (flipped, outside the face), lambda_img,3 = 0.32 (face pixels)
+    assert w_img[:2].tolist() == pytest.approx([8, 1.6]) and region[1].item() == pytest.approx(0.32)
+
+
+def test_joint_weights_table():
+    """Reference §1.4: both keep 1; only race flips 0.6; only gender flips 0.2; both flip 0.2; no face 0.2."""
+    f1 = {"gender": 0.2, "race": 0.6}
+    f2 = {"gender": 0.2, "race": 0.3}
+    targets = {"gender": T(1, 1, 0, 0, 1), "race": T(2, 3, 2, 3, 0)}
+    orig = {"gender": T(1, 1, 1, 1, -1), "race": T(2, 2, 2, 2, -1)}
+    found = T(True, True, True, True, False)
+    assert dynamic_weights(targets, orig, found, f1).tolist() == pytest.approx([1, 0.6, 0.2, 0.2, 0.2])
+    assert flip_factor(targets, orig, f2)[:4].tolist() == pytest.approx([1, 0.3, 0.2, 0.2])
+
+
+def test_dropped_target_equals_missing_original_face():
+    # the original had no face (-1) and the target was dropped (-1): "same", factor 1
+    assert flip_factor({"gender": T(-1)}, {"gender": T(-1)}, {"gender": 0.2}).item() == 1
+
+
+def test_box_intersection_mask_brute_force():
+    h, w = 12, 10
+    a = T([1, 2, 7, 9], [0, 0, 5, 5], [3, 3, 20, 20]).float()
+    b = T([4, 0, 10, 6], [6, 6, 9, 9], [-1, -1, -1, -1]).float()
+    valid = T(True, True, False)
+    m = box_intersection_mask(a, b, valid, h, w)
+    assert m.shape == (3, 1, h, w)
+    for n in range(3):
+        for y in range(h):
+            for x in range(w):
+                inside = bool(valid[n]) and all([
+                    x >= max(a[n, 0], b[n, 0]), x < min(a[n, 2], b[n, 2]),
+                    y >= max(a[n, 1], b[n, 1]), y < min(a[n, 3], b[n, 3])])
+                assert bool(m[n, 0, y, x]) == inside
+    # the authors' bug: an original box of -1s selected [y1:-1, x1:-1]; here an invalid original gives no region
+    assert not m[2].any()
+
+
+def test_scale_gradient():
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    f = torch.rand(2, 1, 4, 4)
+    y = scale_gradient(x, f)
+    assert torch.equal(y, x)
+    (y * 3).sum().backward()
+    assert torch.allclose(x.grad, 3 * f.expand_as(x))
