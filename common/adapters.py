@@ -1,0 +1,660 @@
+"""What finetuning trains, and the files it is saved in.
+
+- LoRA (peft) on the text encoder (`q/k/v/out_proj`, `fc1`, `fc2`) and/or the U-Net (`to_q/k/v`, `to_out.0`), alpha =
+  rank (scale 1), Gaussian init (A ~ N(0, 1/r^2), B = 0), LoRA tensors in fp32 over a frozen base of any dtype.
+- Prefix soft tokens (exp-2): `<common-token1..n>` added to the tokenizer; a separate fp32 `[n, D]` parameter is
+  spliced into the token-embedding output wherever those ids occur (the same as editing those embedding rows, as
+  textual inversion does, but only these rows are trainable).
+- EMA of the trainable tensors with the authors' warm-up.
+- Files: the diffusers LoRA format (`pytorch_lora_weights.safetensors`, loadable by `pipe.load_lora_weights`), a
+  textual-inversion file per prefix token (loadable by `pipe.load_textual_inversion`), and a strict importer of the
+  authors' released `.pth` files (`text_encoder_lora_EMA.pth`, `unet_lora_EMA.pth`, `prefix_embedding_EMA.pth`).
+
+Trainable names are stable and independent of peft's adapter naming: `text_encoder.<module>.lora_A.weight`,
+`unet.<module>.lora_B.weight`, `prefix.embeddings`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import random
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+ADAPTER = "default"
+"""peft adapter name of the adapters this module adds (and trains)"""
+LORA_FILE = "pytorch_lora_weights.safetensors"
+TI_FILE = "learned_embeds-{i}.safetensors"
+"""textual-inversion file of prefix token i (1-based): {"<common-token{i}>": Tensor[D]} (diffusers' format)"""
+PREFIX_TOKEN = "<common-token{i}>"
+PREFIX_KEY = "prefix.embeddings"
+INFO_FILE = "adapter_info.json"
+
+RELEASED_FILES = {
+    "text_encoder": ("text_encoder_lora_EMA.pth", "text_encoder_lora.pth"),
+    "unet": ("unet_lora_EMA.pth", "unet_lora.pth"),
+    "prefix": ("prefix_embedding_EMA.pth", "prefix_embedding.pth"),
+}
+"""the authors' exported file names per part: (EMA, current weights)"""
+
+
+class CheckpointError(ValueError):
+    """A weight file or state dict that does not fit; the message names the file, the key and what was expected."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _lora_layers(model: nn.Module, adapter: str = ADAPTER) -> list[tuple[str, nn.Module]]:
+    """(module name, peft LoRA layer) for every layer of `model` that holds adapter `adapter`, in module order."""
+    from peft.tuners.lora import LoraLayer
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A]
+
+
+def add_lora(components, text_encoder: bool, unet: bool, rank: int) -> None:
+    """Add trainable LoRA adapters (peft) to the text encoder and/or the U-Net of `components`, in place.
+
+    alpha = rank (scale 1, the authors' `network_alpha=None`), Gaussian init (std 1/r for A, zeros for B), targets
+    `TE_TARGETS` / `UNET_TARGETS`. The LoRA tensors are fp32 and require grad whatever the base dtype (peft casts
+    the layer input to fp32 for the LoRA branch and the sum back to the base dtype); the base stays frozen.
+    """
+    from peft import LoraConfig
+
+    if not (text_encoder or unet):
+        raise ValueError("add_lora: nothing to adapt; set text_encoder and/or unet to True")
+    if rank < 1:
+        raise ValueError(f"add_lora: rank must be >= 1, got {rank}")
+    for flag, name, targets in ((text_encoder, "text_encoder", TE_TARGETS), (unet, "unet", UNET_TARGETS)):
+        if not flag:
+            continue
+        model = getattr(components, name)
+        if _lora_layers(model):
+            raise ValueError(f"add_lora: the {name} already has a LoRA adapter named '{ADAPTER}'")
+        model.requires_grad_(False)
+        model.add_adapter(
+            LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(targets)),
+            adapter_name=ADAPTER,
+        )
+        for _, layer in _lora_layers(model):
+            for part in (layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]):
+                part.float().requires_grad_(True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prefix soft tokens
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class PrefixTokens(nn.Module):
+    """fp32 embeddings `[n, D]` for the token ids `token_ids` `[n]`, spliced into the token-embedding output.
+
+    Registered as a forward hook of the text encoder's token embedding (and kept as a plain attribute of it, so the
+    text encoder's own state dict is unchanged). Create it after the components are on their final device.
+    """
+
+    def __init__(self, token_ids: Sequence[int], init: torch.Tensor):
+        super().__init__()
+        self.embeddings = nn.Parameter(init.detach().to(torch.float32).clone())
+        self.register_buffer("token_ids", torch.tensor(list(token_ids), dtype=torch.long, device=init.device))
+        self.enabled = True
+
+    def splice(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """Forward hook: `output` `[B, L, D]` with the rows of prefix ids replaced by `embeddings` (differentiable)."""
+        if not self.enabled:
+            return output
+        ids = args[0]  # [B, L]
+        match = ids.unsqueeze(-1) == self.token_ids.to(ids.device)  # [B, L, n]
+        hit = match.any(-1)
+        if not bool(hit.any()):
+            return output
+        if self.embeddings.device != output.device:
+            raise RuntimeError(
+                f"prefix embeddings are on {self.embeddings.device} but the text encoder runs on {output.device}: "
+                "call add_prefix_tokens after moving the components to their device"
+            )
+        rows = self.embeddings.to(output.dtype)[match.to(torch.long).argmax(-1)]  # [B, L, D]
+        return torch.where(hit.unsqueeze(-1), rows, output)
+
+
+def _prefix(components) -> PrefixTokens | None:
+    return getattr(components.text_encoder.get_input_embeddings(), "_fair_prefix", None)
+
+
+def add_prefix_tokens(components, n: int, seed: int) -> list[str]:
+    """Add `<common-token1>`..`<common-token{n}>` to the tokenizer and make only their embeddings trainable (fp32).
+
+    Each new row starts as a copy of an existing row chosen with `random.Random(seed)` (the authors used Python's
+    `random`); the text encoder's table is resized and holds the initial copies, the trainable `[n, D]` parameter
+    (`prefix.embeddings`) overrides them in the forward pass. Sets `components.prompt_prefix` to the joined tokens.
+    """
+    if n < 1:
+        raise ValueError(f"add_prefix_tokens: n must be >= 1, got {n}")
+    if _prefix(components) is not None:
+        raise ValueError("add_prefix_tokens: these components already have prefix tokens")
+    tok, te = components.tokenizer, components.text_encoder
+    tokens = [PREFIX_TOKEN.format(i=i) for i in range(1, n + 1)]
+    vocab = tok.get_vocab()
+    clash = [t for t in tokens if t in vocab]
+    if clash:
+        raise ValueError(f"add_prefix_tokens: the tokenizer already has token(s) {clash}")
+    old = te.get_input_embeddings().weight.shape[0]
+    rng = random.Random(seed)
+    sources = [rng.randrange(old) for _ in range(n)]
+    if tok.add_tokens(tokens) != n:
+        raise RuntimeError(f"add_prefix_tokens: the tokenizer did not add all of {tokens}")
+    ids = tok.convert_tokens_to_ids(tokens)
+    te.resize_token_embeddings(len(tok), mean_resizing=False)
+    emb = te.get_input_embeddings()
+    emb.weight.requires_grad_(False)
+    with torch.no_grad():
+        for i, src in zip(ids, sources):
+            emb.weight[i] = emb.weight[src]
+    prefix = PrefixTokens(ids, emb.weight[ids].detach())
+    object.__setattr__(emb, "_fair_prefix", prefix)  # a plain attribute: not a registered submodule
+    emb.register_forward_hook(prefix.splice)
+    components.prompt_prefix = "".join(tokens)
+    return tokens
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trainable tensors
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def trainable_parameters(components) -> dict[str, nn.Parameter]:
+    """Every tensor the finetuning trains, by stable name, sorted: `text_encoder.<module>.lora_{A,B}.weight`,
+    `unet.<module>.lora_{A,B}.weight`, `prefix.embeddings` `[n, D]`."""
+    out: dict[str, nn.Parameter] = {}
+    for part in ("text_encoder", "unet"):
+        for name, layer in _lora_layers(getattr(components, part)):
+            out[f"{part}.{name}.lora_A.weight"] = layer.lora_A[ADAPTER].weight
+            out[f"{part}.{name}.lora_B.weight"] = layer.lora_B[ADAPTER].weight
+    prefix = _prefix(components)
+    if prefix is not None:
+        out[PREFIX_KEY] = prefix.embeddings
+    return dict(sorted(out.items()))
+
+
+def trainable_state_dict(components) -> dict[str, torch.Tensor]:
+    """Detached CPU fp32 copies of `trainable_parameters` (what `trainable.safetensors` holds)."""
+    return {k: p.detach().to("cpu", torch.float32, copy=True).contiguous() for k, p in
+            trainable_parameters(components).items()}
+
+
+def _check_state_dict(expected: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], source: str) -> None:
+    """Strict key and shape check of `sd` against `expected`; raises CheckpointError naming `source` and the key."""
+    for k in sd:
+        if k not in expected:
+            close = difflib.get_close_matches(k, list(expected), n=1)
+            hint = f" (closest expected key: '{close[0]}')" if close else ""
+            raise CheckpointError(f"{source}: unexpected key '{k}'{hint}; expected {len(expected)} keys")
+    missing = [k for k in expected if k not in sd]
+    if missing:
+        raise CheckpointError(f"{source}: missing key '{missing[0]}' ({len(missing)} of {len(expected)} missing)")
+    for k, p in expected.items():
+        v = sd[k]
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{source}: key '{k}' holds a {type(v).__name__}, expected a tensor")
+        if tuple(v.shape) != tuple(p.shape):
+            raise CheckpointError(f"{source}: key '{k}' has shape {list(v.shape)}, expected {list(p.shape)}")
+
+
+def load_trainable_state_dict(components, sd: dict[str, torch.Tensor], source: str = "state dict") -> None:
+    """Copy `sd` (from `trainable_state_dict`) into the trainable tensors. Strict: every key consumed, none missing,
+    shapes equal; an error names `source` and the key."""
+    params = trainable_parameters(components)
+    if not params:
+        raise CheckpointError(f"{source}: the components have no adapters to load into (call add_lora or "
+                              "add_prefix_tokens first)")
+    _check_state_dict(params, sd, source)
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(sd[k].to(p.device, p.dtype))
+
+
+def _lora_enabled(model: nn.Module) -> bool | None:
+    """True/False if `model` has peft adapters (enabled or not), None if it has none."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for m in model.modules():
+        if isinstance(m, BaseTunerLayer):
+            return not m.disable_adapters
+    return None
+
+
+@contextlib.contextmanager
+def adapters_disabled(components) -> Iterator[None]:
+    """Inside, `components` behave as the ORIGINAL model: every LoRA adapter off, prefix splicing off and
+    `prompt_prefix` = ""; everything is restored on exit (nesting is fine)."""
+    turned_off = []
+    for part in ("text_encoder", "unet"):
+        model = getattr(components, part)
+        if _lora_enabled(model):
+            model.disable_adapters()
+            turned_off.append(model)
+    prefix = _prefix(components)
+    was_enabled = prefix.enabled if prefix is not None else None
+    saved_prefix = components.prompt_prefix
+    if prefix is not None:
+        prefix.enabled = False
+    components.prompt_prefix = ""
+    try:
+        yield
+    finally:
+        for model in turned_off:
+            model.enable_adapters()
+        if prefix is not None:
+            prefix.enabled = was_enabled
+        components.prompt_prefix = saved_prefix
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# EMA
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class EMA:
+    """Exponential moving average of named parameters, as diffusers 0.19.3 `EMAModel` with the authors' settings.
+
+    With s = optimization_step - 1 (the step counter after the increment), the decay is 0 for s <= 0 (the first
+    update copies the parameters) and min((1 + s) / (10 + s), decay) after; update: shadow <- shadow - (1 - d)(shadow - p).
+    The shadow is fp32 and lives on the parameters' devices.
+    """
+
+    def __init__(self, params: dict[str, nn.Parameter], decay: float = 0.996):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.params = dict(params)
+        self.decay = float(decay)
+        self.optimization_step = 0
+        self.shadow: dict[str, torch.Tensor] = {k: p.detach().to(torch.float32).clone() for k, p in self.params.items()}
+
+    def current_decay(self) -> float:
+        """Decay applied by the update that brought the counter to `optimization_step`."""
+        s = self.optimization_step - 1
+        return 0.0 if s <= 0 else min((1.0 + s) / (10.0 + s), self.decay)
+
+    @torch.no_grad()
+    def step(self) -> float:
+        """One EMA update from the current parameters; returns the decay used."""
+        self.optimization_step += 1
+        d = self.current_decay()
+        for k, p in self.params.items():
+            sh = self.shadow[k]
+            sh.sub_((1.0 - d) * (sh - p.detach().to(sh.dtype)))
+        return d
+
+    @contextlib.contextmanager
+    def swapped(self) -> Iterator[None]:
+        """Inside, the parameters hold the EMA weights; their own values are restored on exit."""
+        with torch.no_grad():
+            backup = {k: p.detach().clone() for k, p in self.params.items()}
+            for k, p in self.params.items():
+                p.copy_(self.shadow[k].to(p.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for k, p in self.params.items():
+                    p.copy_(backup[k])
+
+    def state_dict(self) -> dict:
+        """{"decay", "optimization_step", "shadow": {name: CPU fp32 tensor}}."""
+        return {"decay": self.decay, "optimization_step": self.optimization_step,
+                "shadow": {k: v.detach().cpu().clone() for k, v in self.shadow.items()}}
+
+    def load_state_dict(self, state: dict, source: str = "EMA state") -> None:
+        """Strict inverse of `state_dict` (shadow keys and shapes must match the tracked parameters)."""
+        for key in ("decay", "optimization_step", "shadow"):
+            if key not in state:
+                raise CheckpointError(f"{source}: missing key '{key}'")
+        _check_state_dict(self.shadow, state["shadow"], f"{source} (shadow)")
+        self.decay = float(state["decay"])
+        self.optimization_step = int(state["optimization_step"])
+        for k, v in state["shadow"].items():
+            self.shadow[k].copy_(v.to(self.shadow[k].device, torch.float32))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Diffusers LoRA / textual-inversion files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def save_lora(components, out_dir: str | Path, metadata: dict | None = None) -> Path:
+    """Write the adapters of `components` in the interchange formats; returns the main file (or the folder).
+
+    LoRA: `out_dir/pytorch_lora_weights.safetensors` through `StableDiffusionPipeline.save_lora_weights`, with each
+    model's peft config as adapter metadata (so alpha round-trips). Prefix tokens: `learned_embeds-{i}.safetensors`,
+    one per token ({token: Tensor[D]}, diffusers' textual-inversion format). `metadata` (JSON-able: base model,
+    attributes, steps, ...) goes to `adapter_info.json` together with what was written.
+    """
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    info: dict = {"metadata": metadata or {}}
+    main: Path | None = None
+    layers, meta = {}, {}
+    for part in ("text_encoder", "unet"):
+        model = getattr(components, part)
+        if _lora_layers(model):
+            sd = get_peft_model_state_dict(model, adapter_name=ADAPTER)
+            layers[part] = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
+            meta[part] = model.peft_config[ADAPTER].to_dict()
+            info[part] = {"rank": model.peft_config[ADAPTER].r, "alpha": model.peft_config[ADAPTER].lora_alpha,
+                          "targets": sorted(model.peft_config[ADAPTER].target_modules), "tensors": len(sd)}
+    if layers:
+        StableDiffusionPipeline.save_lora_weights(
+            out, unet_lora_layers=layers.get("unet"), text_encoder_lora_layers=layers.get("text_encoder"),
+            unet_lora_adapter_metadata=meta.get("unet"), text_encoder_lora_adapter_metadata=meta.get("text_encoder"),
+        )
+        main = out / LORA_FILE
+    prefix = _prefix(components)
+    if prefix is not None:
+        tokens = components.tokenizer.convert_ids_to_tokens(prefix.token_ids.tolist())
+        emb = prefix.embeddings.detach().to("cpu", torch.float32)
+        files = []
+        for i, (token, row) in enumerate(zip(tokens, emb), start=1):
+            f = out / TI_FILE.format(i=i)
+            save_file({token: row.clone().contiguous()}, str(f))
+            files.append(f.name)
+        info["prefix"] = {"tokens": tokens, "files": files, "prompt_prefix": "".join(tokens)}
+        main = main or out
+    if main is None:
+        raise ValueError("save_lora: the components have no adapters to save")
+    (out / INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
+    return main
+
+
+def _ti_files(folder: Path) -> list[Path]:
+    files = [p for p in folder.glob("learned_embeds-*.safetensors") if re.fullmatch(r"learned_embeds-\d+", p.stem)]
+    return sorted(files, key=lambda p: int(p.stem.split("-")[1]))
+
+
+def load_textual_inversion(components, path: str | Path) -> list[str]:
+    """Load prefix-token embeddings written by `save_lora` (a folder of `learned_embeds-{i}.safetensors`, or one such
+    file) into `components` through diffusers' `load_textual_inversion` (adds the tokens, resizes the embedding
+    table); sets `components.prompt_prefix` to the tokens in file order. Returns the tokens."""
+    from safetensors.torch import load_file
+
+    from common.models import diffusers_pipeline
+
+    path = Path(path)
+    files = _ti_files(path) if path.is_dir() else [path]
+    if not files or not all(f.is_file() for f in files):
+        raise FileNotFoundError(f"{path}: no textual-inversion file (expected learned_embeds-1.safetensors, ...)")
+    tokens = []
+    for f in files:
+        sd = load_file(str(f))
+        if len(sd) != 1:
+            raise CheckpointError(f"{f}: expected one key (the token) in a textual-inversion file, got {list(sd)}")
+        (token, vec), = sd.items()
+        dim = components.text_encoder.get_input_embeddings().weight.shape[1]
+        if vec.shape != (dim,):
+            raise CheckpointError(f"{f}: key '{token}' has shape {list(vec.shape)}, expected [{dim}]")
+        tokens.append(token)
+    diffusers_pipeline(components).load_textual_inversion([str(f) for f in files])
+    components.prompt_prefix = "".join(tokens)
+    return tokens
+
+
+def _adapter_pairs(model: nn.Module) -> set[tuple[str, str]]:
+    """(module name, adapter name) for every adapter of every peft LoRA layer of `model`."""
+    from peft.tuners.lora import LoraLayer
+
+    return {(n, a) for n, m in model.named_modules() if isinstance(m, LoraLayer) for a in m.lora_A}
+
+
+def load_lora(components, path: str | Path) -> dict:
+    """Load an exported adapter into `components` in place (what `generate --lora PATH` uses); returns a summary.
+
+    `path`: a folder or file written by `save_lora` (diffusers LoRA and/or textual-inversion files), or the authors'
+    released `.pth` files / their folder (then `load_released`). LoRA goes through diffusers' `load_lora_weights` on a
+    pipeline sharing the modules; every tensor of the file must land in the model (checked), and the loaded LoRA
+    tensors are cast to fp32, as in training.
+    """
+    from safetensors import safe_open
+
+    from common.models import diffusers_pipeline
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: adapter path not found")
+    released = [n for names in RELEASED_FILES.values() for n in names]
+    if path.is_file():
+        if path.suffix == ".pth":
+            return load_released([str(path)], components)
+        is_ti = re.fullmatch(r"learned_embeds-\d+", path.stem) is not None
+        lora_file, ti = (None, [path]) if is_ti else (path, [])
+    else:
+        lora_file = path / LORA_FILE if (path / LORA_FILE).is_file() else None
+        ti = _ti_files(path)
+        if lora_file is None and not ti and any((path / n).is_file() for n in released):
+            return load_released([str(path)], components)
+    if lora_file is None and not ti:
+        raise FileNotFoundError(f"{path}: no adapter found (expected {LORA_FILE}, learned_embeds-1.safetensors, ... "
+                                f"or the released {', '.join(released)})")
+    summary: dict = {"path": str(path)}
+    if lora_file is not None:
+        with safe_open(str(lora_file), "pt") as f:
+            keys = list(f.keys())
+        counts = {part: sum(k.startswith(part + ".") for k in keys) for part in ("text_encoder", "unet")}
+        odd = [k for k in keys if not k.startswith(("text_encoder.", "unet."))]
+        if odd:
+            raise CheckpointError(f"{lora_file}: key '{odd[0]}' belongs to neither 'text_encoder.' nor 'unet.'")
+        before = {part: _adapter_pairs(getattr(components, part)) for part in counts}
+        diffusers_pipeline(components).load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
+        for part, n in counts.items():
+            model = getattr(components, part)
+            new = _adapter_pairs(model) - before[part]
+            if 2 * len(new) != n:
+                raise CheckpointError(f"{lora_file}: {n} '{part}.' tensors in the file but {2 * len(new)} were loaded "
+                                      f"into the {part}; the file does not fit this model")
+            for name, adapter in new:
+                layer = model.get_submodule(name)
+                layer.lora_A[adapter].float()
+                layer.lora_B[adapter].float()
+        summary["lora_tensors"] = counts
+    if ti:
+        summary["prefix_tokens"] = load_textual_inversion(components, path if path.is_dir() else ti[0])
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The authors' released .pth files (reference notes §3.2-3.6)
+# ----------------------------------------------------------------------------------------------------------------
+
+_TE_MODULE = re.compile(r"(?:text_model\.)?encoder\.layers\.(\d+)\.(self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])")
+_TE_ORDER = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
+_UNET_ATTN = re.compile(r"(?:down_blocks\.\d+|up_blocks\.\d+|mid_block)\.attentions\.\d+\.transformer_blocks\.\d+\.attn[12]")
+_UNET_PROJ = (("to_q", "to_q_lora"), ("to_k", "to_k_lora"), ("to_v", "to_v_lora"), ("to_out.0", "to_out_lora"))
+_PREFIX_KEYS = ("position_ids", "position_embedding.weight", "token_embedding.weight")
+
+
+def _dims(m: nn.Module) -> tuple[int, int]:
+    base = getattr(m, "base_layer", m)
+    return base.in_features, base.out_features
+
+
+def _released_entries(model: nn.Module) -> dict[str, tuple[str, str, int, int]]:
+    """Released key -> (our module name, "A" | "B", in_features, out_features), built from `model`'s own modules
+    (a CLIP text model or a U-Net, adapted or not), in the authors' order (§3.2, §3.3)."""
+    out: dict[str, tuple[str, str, int, int]] = {}
+    te = []
+    for name, m in model.named_modules():
+        mt = _TE_MODULE.fullmatch(name)
+        if mt:
+            te.append((mt.group(2).startswith("mlp"), int(mt.group(1)), _TE_ORDER.index(mt.group(2)), name, m))
+    for *_, name, m in sorted(te, key=lambda t: t[:3]):
+        i, o = _dims(m)
+        local = name.removeprefix("text_model.")
+        out[f"text_model.{local}.lora_linear_layer.down.weight"] = (name, "A", i, o)
+        out[f"text_model.{local}.lora_linear_layer.up.weight"] = (name, "B", i, o)
+    for name, m in model.named_modules():
+        if _UNET_ATTN.fullmatch(name):
+            for proj, rel in _UNET_PROJ:
+                i, o = _dims(m.get_submodule(proj))
+                out[f"{name}.processor.{rel}.down.weight"] = (f"{name}.{proj}", "A", i, o)
+                out[f"{name}.processor.{rel}.up.weight"] = (f"{name}.{proj}", "B", i, o)
+    return out
+
+
+def released_layout(model: nn.Module, rank: int) -> dict[str, tuple[int, ...]]:
+    """The keys and shapes of the authors' `text_encoder_lora*.pth` (for a CLIP text model) or `unet_lora*.pth` (for
+    a U-Net) at LoRA rank `rank`, derived from the model's modules: down `[r, in]`, up `[out, r]`. Works on the meta
+    device (SD 1.5: 144 text-encoder tensors, 256 U-Net tensors)."""
+    return {k: ((rank, i) if w == "A" else (o, rank)) for k, (_, w, i, o) in _released_entries(model).items()}
+
+
+def _read_released(path: Path) -> dict[str, torch.Tensor]:
+    """torch.load(weights_only=True) of a released file, which must be a flat dict[str, Tensor]."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unpickling failure (truncated zip, bad pickle, ...) is reported the same way
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{path}: cannot be read as a weights-only torch.save file ({type(e).__name__}: {msg}); "
+                              "it may be truncated or corrupt") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors (torch.save of a state dict), got {type(obj).__name__}")
+    for k, v in obj.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{path}: key {k!r} holds a {type(v).__name__}; expected str keys and tensor values")
+    return obj
+
+
+def _check_released_keys(path: Path, sd: dict, expected: Sequence[str]) -> None:
+    """Every key known and none missing; DDP (`module.`) and unrenamed `AttnProcsLayers` (`layers.N`) keys named."""
+    expected_set = set(expected)
+    example = next(iter(expected), "")
+    for k in sd:
+        if k.startswith("module."):
+            raise CheckpointError(f"{path}: key '{k}' carries a 'module.' prefix (saved from a DDP-wrapped model); "
+                                  f"expected the documented names, e.g. '{example}'")
+        if re.match(r"layers\.\d+\.", k):
+            raise CheckpointError(f"{path}: key '{k}' is an unrenamed AttnProcsLayers index ('layers.N'); expected the "
+                                  f"processor names, e.g. '{example}'")
+        if k not in expected_set:
+            close = difflib.get_close_matches(k, list(expected), n=1)
+            hint = f" (closest expected key: '{close[0]}')" if close else ""
+            raise CheckpointError(f"{path}: unknown key '{k}'{hint}; this file does not fit the model")
+    missing = [k for k in expected if k not in sd]
+    if missing:
+        raise CheckpointError(f"{path}: missing key '{missing[0]}' ({len(missing)} of {len(expected)} missing)")
+
+
+def find_released(paths: Sequence[str | Path], ema: bool) -> dict[str, Path]:
+    """Which released file holds each part ("text_encoder", "unet", "prefix"): folders are searched for the EMA names
+    first (the current-weight names first when `ema` is False); files must carry one of the released names."""
+    found: dict[str, Path] = {}
+    every = [n for names in RELEASED_FILES.values() for n in names]
+    for p in map(Path, paths):
+        hits: dict[str, Path] = {}
+        if p.is_dir():
+            for part, names in RELEASED_FILES.items():
+                for name in names if ema else names[::-1]:
+                    if (p / name).is_file():
+                        hits[part] = p / name
+                        break
+            if not hits:
+                raise FileNotFoundError(f"{p}: none of the released checkpoint files ({', '.join(every)}) is here")
+        elif p.is_file():
+            part = next((part for part, names in RELEASED_FILES.items() if p.name in names), None)
+            if part is None:
+                raise CheckpointError(f"{p}: not a released checkpoint file name; expected one of {', '.join(every)}")
+            hits[part] = p
+        else:
+            raise FileNotFoundError(f"{p}: no such file or folder")
+        for part, f in hits.items():
+            if part in found:
+                raise CheckpointError(f"two {part} files given: {found[part]} and {f}; pass one")
+            found[part] = f
+    return found
+
+
+def _text_embeddings(te: nn.Module) -> nn.Module:
+    return getattr(te, "text_model", te).embeddings
+
+
+def load_released(paths: Sequence[str | Path], components, ema: bool = True) -> dict:
+    """Apply the authors' released files to `components` (which must have no adapters yet); returns what was loaded.
+
+    `paths`: folders holding any of `text_encoder_lora[_EMA].pth`, `unet_lora[_EMA].pth`, `prefix_embedding[_EMA].pth`
+    (EMA preferred unless `ema=False`), or those files. LoRA semantics y = W x + up(down(x)) become peft LoRA with
+    r = alpha = the rank inferred from the shapes; prefix rows 1..n become `<common-token1..n>`. Strict: files read
+    with `weights_only=True`; every key consumed and none missing; one rank across files; shapes checked against the
+    model; each problem is an error naming the file and the key.
+    Returns {"rank": int | None, "files": {part: path}, "tensors": {part: count}, "prefix_tokens": [..]}.
+    """
+    files = find_released(paths, ema)
+    if trainable_parameters(components):
+        raise ValueError("load_released: the components already have adapters; start from fresh components")
+    sds = {part: _read_released(f) for part, f in files.items()}
+    converted: dict[str, torch.Tensor] = {}
+    rank, rank_src = None, None
+    for part in ("text_encoder", "unet"):
+        if part not in sds:
+            continue
+        f, sd = files[part], sds[part]
+        entries = _released_entries(getattr(components, part))
+        if part == "unet":
+            entries = {k: v for k, v in entries.items() if ".processor." in k}
+        else:
+            entries = {k: v for k, v in entries.items() if ".lora_linear_layer." in k}
+        _check_released_keys(f, sd, list(entries))
+        for k, (module, which, i, o) in entries.items():
+            v = sd[k]
+            if v.ndim != 2:
+                raise CheckpointError(f"{f}: key '{k}' has shape {list(v.shape)}, expected a matrix")
+            r = v.shape[0] if which == "A" else v.shape[1]
+            if rank is None:
+                rank, rank_src = r, f"'{k}' in {f}"
+            elif r != rank:
+                raise CheckpointError(f"{f}: key '{k}' has rank {r} (shape {list(v.shape)}) but {rank_src} has rank "
+                                      f"{rank}; mixed ranks cannot be loaded")
+            want = (rank, i) if which == "A" else (o, rank)
+            if tuple(v.shape) != want:
+                raise CheckpointError(f"{f}: key '{k}' has shape {list(v.shape)}, expected {list(want)} for this model")
+            converted[f"{part}.{module}.lora_{which}.weight"] = v.to(torch.float32)
+    n_prefix = 0
+    if "prefix" in sds:
+        f, sd = files["prefix"], sds["prefix"]
+        _check_released_keys(f, sd, _PREFIX_KEYS)
+        emb = _text_embeddings(components.text_encoder)
+        table = emb.position_embedding.weight
+        pos, pe, tok = sd["position_ids"], sd["position_embedding.weight"], sd["token_embedding.weight"]
+        if tuple(pos.shape) != (1, table.shape[0]) or not torch.equal(pos.long(), torch.arange(table.shape[0])[None]):
+            raise CheckpointError(f"{f}: key 'position_ids' should be arange({table.shape[0]}) of shape "
+                                  f"[1, {table.shape[0]}], got shape {list(pos.shape)}")
+        if tuple(pe.shape) != tuple(table.shape):
+            raise CheckpointError(f"{f}: key 'position_embedding.weight' has shape {list(pe.shape)}, expected "
+                                  f"{list(table.shape)} (this model's position table)")
+        # Tolerance: the file holds the base model's fp32 table; the model may hold it in fp16 (rel. error ~5e-4).
+        if not torch.allclose(pe.float(), table.detach().float().cpu(), rtol=1e-2, atol=1e-3):
+            raise CheckpointError(f"{f}: key 'position_embedding.weight' differs from this model's position table; "
+                                  "the prefix was trained on another base model")
+        dim = emb.token_embedding.weight.shape[1]
+        if tok.ndim != 2 or tok.shape[0] < 2 or tok.shape[1] != dim:
+            raise CheckpointError(f"{f}: key 'token_embedding.weight' has shape {list(tok.shape)}, expected [n + 1, "
+                                  f"{dim}] (row 0 unused, rows 1..n the prefix tokens)")
+        n_prefix = tok.shape[0] - 1
+        converted[PREFIX_KEY] = tok[1:].to(torch.float32)
+    lora_parts = [p for p in ("text_encoder", "unet") if p in sds]
+    if lora_parts:
+        add_lora(components, "text_encoder" in sds, "unet" in sds, rank)
+    tokens = add_prefix_tokens(components, n_prefix, seed=0) if n_prefix else []
+    load_trainable_state_dict(components, converted, source=" + ".join(str(f) for f in files.values()))
+    return {"rank": rank, "files": {k: str(v) for k, v in files.items()},
+            "tensors": {k: len(v) for k, v in sds.items()}, "prefix_tokens": tokens}

@@ -1,0 +1,205 @@
+"""Export a training run's adapter (or the authors' released `.pth` files) in the diffusers interchange formats.
+
+    python -m common.export --run RUN_DIR [--step N] [--no-ema] --out DIR
+    python -m common.export --from-released PATH [PATH ...] [--model NAME] [--no-ema] --out DIR
+
+Writes `pytorch_lora_weights.safetensors` (LoRA; `StableDiffusionPipeline.load_lora_weights(DIR)`) and/or
+`learned_embeds-{i}.safetensors` (prefix tokens; `pipe.load_textual_inversion([...])`), `adapter_info.json` and a
+`README.md` model card (base model, attributes and targets, adapted modules, step, metrics when the run logged them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from common.adapters import (
+    INFO_FILE,
+    LORA_FILE,
+    add_lora,
+    add_prefix_tokens,
+    find_released,
+    load_released,
+    load_trainable_state_dict,
+    save_lora,
+)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PART_NAMES = {"text_encoder": "text encoder", "unet": "U-Net"}
+_CKPT = re.compile(r"checkpoint(_tmp)?-(\d+)")
+
+
+def find_checkpoint(run_dir: str | Path, step: int | None = None) -> tuple[Path, int]:
+    """`RUN_DIR/ckpts/checkpoint-{step}` (or `checkpoint_tmp-{step}`); without `step`, the latest of either kind
+    (the permanent one on a tie). Returns (folder, step)."""
+    ckpts = Path(run_dir) / "ckpts"
+    found = []
+    for d in ckpts.iterdir() if ckpts.is_dir() else []:
+        m = _CKPT.fullmatch(d.name)
+        if m and d.is_dir():
+            found.append((int(m.group(2)), m.group(1) is None, d))
+    if not found:
+        raise FileNotFoundError(f"{ckpts}: no checkpoint-N or checkpoint_tmp-N folder (is {run_dir} a training run?)")
+    if step is not None:
+        hits = [f for f in found if f[0] == step]
+        if not hits:
+            raise FileNotFoundError(f"{ckpts}: no checkpoint for step {step}; available steps: "
+                                    f"{sorted({f[0] for f in found})}")
+        found = hits
+    s, _, d = max(found, key=lambda f: (f[0], f[1]))
+    return d, s
+
+
+def read_metrics(run_dir: str | Path, step: int) -> dict[str, str]:
+    """The last row of `RUN_DIR/metrics.csv` at or before `step` (all rows if it has no `step` column); {} if none."""
+    f = Path(run_dir) / "metrics.csv"
+    if not f.is_file():
+        return {}
+    with f.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if rows and "step" in rows[0]:
+        rows = [r for r in rows if r.get("step") not in (None, "") and float(r["step"]) <= step]
+    if not rows:
+        return {}
+    return {k: v for k, v in rows[-1].items() if k and v not in (None, "")}
+
+
+def model_card(out_dir: str | Path, metadata: dict) -> Path:
+    """Write `out_dir/README.md` describing the exported adapter (from `metadata` and `adapter_info.json`)."""
+    out = Path(out_dir)
+    info = json.loads((out / INFO_FILE).read_text()) if (out / INFO_FILE).is_file() else {}
+    base = metadata.get("base_model", "?")
+    lines = [f"# Fairness-finetuned adapter for `{base}`", "",
+             "Finetuned for fair generation of people (Shen et al., ICLR 2024, reproduced by fair-diffusion).", "",
+             f"- Base model: `{base}`", f"- Source: {metadata.get('source', '?')}"]
+    if metadata.get("step") is not None:
+        lines.append(f"- Training steps: {metadata['step']}")
+    lines.append(f"- Weights: {metadata.get('weights', '?')}")
+    for part in ("text_encoder", "unet"):
+        if part in info:
+            p = info[part]
+            lines.append(f"- LoRA on the {PART_NAMES[part]}: rank {p['rank']}, alpha {p['alpha']}, targets "
+                         f"{', '.join(p['targets'])} ({p['tensors']} tensors)")
+    if "prefix" in info:
+        lines.append(f"- Prefix soft tokens: {', '.join(info['prefix']['tokens'])} (put in front of every prompt, "
+                     "no separator)")
+    attrs = metadata.get("attributes") or {}
+    if attrs:
+        lines += ["", "## Attributes and target distributions", "", "| attribute | classes | target |", "|---|---|---|"]
+        for name, a in attrs.items():
+            lines.append(f"| {name} | {', '.join(a['classes'])} | {', '.join(f'{t:.3g}' for t in a['target'])} |")
+    metrics = metadata.get("metrics") or {}
+    if metrics:
+        lines += ["", "## Metrics (last logged row at or before this step)", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in metrics.items()]
+    lines += ["", "## Use", "", "```python", "from diffusers import StableDiffusionPipeline", "",
+              f'pipe = StableDiffusionPipeline.from_pretrained("{base}")']
+    if (out / LORA_FILE).is_file():
+        lines.append('pipe.load_lora_weights("path/to/this/folder")')
+    if "prefix" in info:
+        files = ", ".join(f'"path/to/this/folder/{f}"' for f in info["prefix"]["files"])
+        lines += [f"pipe.load_textual_inversion([{files}])",
+                  f'image = pipe("{info["prefix"]["prompt_prefix"]}A photo of the face of a doctor").images[0]']
+    else:
+        lines.append('image = pipe("A photo of the face of a doctor").images[0]')
+    lines += ["```", "", "Or with this project: `python -m common.generate --lora path/to/this/folder ...`.", ""]
+    f = out / "README.md"
+    f.write_text("\n".join(lines))
+    return f
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None, ema: bool = True) -> Path:
+    """Rebuild the run's model from `RUN_DIR/config.yaml`, load a checkpoint's EMA (or current) weights, write the
+    interchange files and the model card into `out_dir`. Returns `out_dir`."""
+    from safetensors.torch import load_file
+
+    from common.config import load_config
+    from common.models import load_components
+
+    run_dir, out = Path(run_dir), Path(out_dir)
+    cfg_file = run_dir / "config.yaml"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file}: not found (expected the resolved config written by common.train)")
+    cfg = load_config(cfg_file)
+    ckpt, s = find_checkpoint(run_dir, step)
+    weights = ckpt / ("ema.safetensors" if ema else "trainable.safetensors")
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: not found in checkpoint {ckpt}" + (" (use --no-ema for the current "
+                                "weights)" if ema else ""))
+    te_dtype = DTYPES[cfg.model.text_encoder_dtype] if cfg.model.text_encoder_dtype else None
+    comps = load_components(cfg.model.name, dtype=DTYPES[cfg.model.dtype], text_encoder_dtype=te_dtype)
+    ft = cfg.finetune
+    if ft.prefix_tokens:
+        add_prefix_tokens(comps, ft.prefix_tokens, cfg.train.seed)
+    else:
+        add_lora(comps, ft.text_encoder_lora, ft.unet_lora, ft.rank)
+    load_trainable_state_dict(comps, load_file(str(weights)), source=str(weights))
+    metadata = {
+        "base_model": cfg.model.name, "source": f"{run_dir} ({ckpt.name})", "step": s,
+        "weights": "EMA" if ema else "current (no EMA)",
+        "attributes": {a.name: {"classes": list(a.classes), "target": list(a.target)} for a in cfg.attribute_specs()},
+        "metrics": read_metrics(run_dir, s),
+    }
+    save_lora(comps, out, metadata)
+    model_card(out, metadata)
+    return out
+
+
+def export_released(paths: Sequence[str | Path], out_dir: str | Path, model: str | None = None,
+                    ema: bool = True) -> tuple[Path, dict]:
+    """Convert the authors' released `.pth` files (strictly checked against `model`'s shapes) into the interchange
+    files in `out_dir`. Returns (`out_dir`, the `load_released` summary)."""
+    from common.models import SD15, load_components
+
+    model = model or SD15
+    files = find_released(paths, ema)  # fail on bad paths before loading the base model
+    comps = load_components(model, dtype=torch.float16)  # only shapes matter here; the LoRA tensors are fp32
+    info = load_released(list(files.values()), comps)
+    files = ", ".join(f"`{f}`" for f in info["files"].values())
+    metadata = {"base_model": model, "source": f"the authors' released checkpoint ({files})",
+                "weights": "as released", "released": info}
+    save_lora(comps, out_dir, metadata)
+    model_card(out_dir, metadata)
+    return Path(out_dir), info
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m common.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", metavar="RUN_DIR", help="training run folder (config.yaml + ckpts/)")
+    src.add_argument("--from-released", nargs="+", metavar="PATH",
+                     help="the authors' released files, or folders holding them")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the latest checkpoint of either kind)")
+    p.add_argument("--no-ema", action="store_true", help="export the current weights instead of the EMA")
+    p.add_argument("--model", help="base model of --from-released (default: runwayml/stable-diffusion-v1-5)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    a = p.parse_args(argv)
+    if a.run is not None:
+        if a.model is not None:
+            p.error("--model is for --from-released; --run reads the model from the run's config.yaml")
+        out = export_run(a.run, a.out, step=a.step, ema=not a.no_ema)
+    else:
+        if a.step is not None:
+            p.error("--step is for --run")
+        out, info = export_released(a.from_released, a.out, model=a.model, ema=not a.no_ema)
+        rank = f"LoRA rank {info['rank']} (inferred from the shapes)" if info["rank"] is not None else "no LoRA"
+        prefix = f", {len(info['prefix_tokens'])} prefix tokens" if info["prefix_tokens"] else ""
+        print(f"read {', '.join(info['files'].values())}: {rank}{prefix}; tensors {info['tensors']}")
+    written = sorted(f.name for f in Path(out).iterdir() if f.is_file())
+    print(f"wrote {out}: {', '.join(written)}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (FileNotFoundError, ValueError) as e:  # bad paths, configs, checkpoints: one clear line, no traceback
+        sys.exit(f"python -m common.export: error: {e}")
