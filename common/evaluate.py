@@ -1,0 +1,597 @@
+"""Evaluate generated images: detect faces, classify them, measure bias and semantics preservation, write a report.
+
+    python -m common.evaluate --images outputs/exp-3/debiased --reference outputs/exp-3/original \
+        --classifiers eval --out outputs/exp-3/eval
+
+Input folders hold `prompt_{i}/img_{j}.{png,jpg}` (from `common.generate` or the authors' gen-images); the prompt
+texts come from the folder's manifest.json or `--prompts`. Detection (`common.faces.detect`) and classification
+(`common.classifiers`) run batched, prompt by prompt. With `--reference` (the original model's images from the same
+noise) the reference is judged too, and CLIP-I / DINO compare each image with its partner of the same prompt index
+and image index. Outputs in OUT:
+- `results.csv`: one row per image (set, prompt index, prompt, image index, file, face found, score, box, per
+  attribute the class probabilities, the predicted class ("" without a face) and its confidence, per-image scores);
+- `test_results.pkl` (and `reference_test_results.pkl`): the authors' structure (reference §5.2), a list
+  `[face_indicators, face_bboxs, gender_logits, race_logits, age_logits]`, each a dict prompt index -> CPU tensor in
+  image order (bool [n]; int64 [n, 4] expanded boxes, -1 rows without a face; fp32 logits [n, 2] / [n, 4] / [n, 2];
+  logits of rows without a face are those of the all -1 crop, meaningless as in theirs). An attribute the classifier
+  does not have is an EMPTY dict in its slot; attributes other than these three appear only in results.csv;
+- `summary.json`, `summary.md`, `summary.csv` (mean +/- std over prompts and bootstrap 95% intervals, both sets side
+  by side), `per_prompt.csv`;
+- `grids/{set}/prompt_{i}.jpg`: annotated grids (`common.plots`); `frequency_{attribute}.png`: per-prompt class
+  frequencies before (reference) and after, against the target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import pickle
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from common.attributes import PRESETS, Attribute, uniform
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+AUTHORS_SLOTS = ("gender", "race", "age")
+"""attributes of the authors' test_results.pkl, in slot order after indicators and boxes"""
+SCORES = ("clip_t", "clip_i", "dino")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Image folders
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageSet:
+    """A folder of generated images: `files` = sorted (prompt index, image index, path); `prompts` = prompt index ->
+    text ("" when unknown)."""
+
+    root: Path
+    files: list[tuple[int, int, Path]]
+    prompts: dict[int, str]
+
+    def prompt_indices(self) -> list[int]:
+        return sorted({i for i, _, _ in self.files})
+
+
+def scan_images(root: str | Path, prompts: Sequence[str] | None = None) -> ImageSet:
+    """Find `prompt_{i}/img_{j}.{png,jpg,jpeg}` under `root` (sorted by i, then j). Prompt texts: `prompts` (indexed by
+    i) if given, else the folder's manifest.json, else ""."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: image folder not found (expected prompt_{{i}}/img_{{j}}.png inside)")
+    files = []
+    for d in root.iterdir():
+        m = re.fullmatch(r"prompt_(\d+)", d.name)
+        if not (m and d.is_dir()):
+            continue
+        for f in d.iterdir():
+            mf = re.fullmatch(r"img_(\d+)", f.stem)
+            if mf and f.suffix.lower() in IMAGE_EXTS:
+                files.append((int(m.group(1)), int(mf.group(1)), f))
+    if not files:
+        raise FileNotFoundError(f"{root}: no images found (expected prompt_{{i}}/img_{{j}}.png or .jpg)")
+    files.sort(key=lambda t: (t[0], t[1]))
+    dup = [(i, j) for (i, j, _), (i2, j2, _) in zip(files, files[1:]) if (i, j) == (i2, j2)]
+    if dup:
+        raise ValueError(f"{root}: prompt_{dup[0][0]}/img_{dup[0][1]} exists in two formats; keep one")
+    texts: dict[int, str] = {}
+    manifest = root / "manifest.json"
+    if prompts is None and manifest.is_file():
+        prompts = json.loads(manifest.read_text()).get("prompts")
+    used = sorted({i for i, _, _ in files})
+    if prompts is not None:
+        if used[-1] >= len(prompts):
+            raise ValueError(f"{root}: folder prompt_{used[-1]} has no prompt text ({len(prompts)} prompts given)")
+        texts = {i: prompts[i] for i in used}
+    else:
+        texts = {i: "" for i in used}
+    return ImageSet(root, files, texts)
+
+
+def read_images(paths: Sequence[Path]) -> torch.Tensor:
+    """Image files -> `[N, 3, H, W]` fp32 in [-1, 1] (all of one size)."""
+    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    sizes = {a.shape for a in arrays}
+    if len(sizes) > 1:
+        raise ValueError(f"images of different sizes in one batch: {sorted(sizes)} ({paths[0].parent})")
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Judging
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Judgement:
+    """Per-image results of one image set, rows in `ImageSet.files` order. prompt / index LongTensor[N]; found [N]
+    bool; boxes [N, 4] int64 (expanded square box, -1 rows without a face); scores [N] detector score; logits / probs
+    {attribute: [N, K]} fp32; classes {attribute: class names}; extra {name: [N]} per-image scores (NaN = none)."""
+
+    images: ImageSet
+    prompt: torch.Tensor
+    index: torch.Tensor
+    found: torch.Tensor
+    boxes: torch.Tensor
+    det_scores: torch.Tensor
+    logits: dict[str, torch.Tensor]
+    probs: dict[str, torch.Tensor]
+    classes: dict[str, tuple[str, ...]]
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def table(self) -> dict:
+        """The input of `common.metrics.summarize`."""
+        return {"prompt": self.prompt, "found": self.found, "probs": self.probs, "scores": self.extra}
+
+    def authors_results(self) -> list[dict[int, torch.Tensor]]:
+        """[face_indicators, face_bboxs, gender_logits, race_logits, age_logits], each {prompt index: tensor}."""
+        out: list[dict[int, torch.Tensor]] = [{}, {}, {}, {}, {}]
+        for i in self.images.prompt_indices():
+            rows = self.prompt == i
+            out[0][i] = self.found[rows].clone()
+            out[1][i] = self.boxes[rows].long().clone()
+            for slot, attr in enumerate(AUTHORS_SLOTS, start=2):
+                if attr in self.logits:
+                    out[slot][i] = self.logits[attr][rows].float().clone()
+        return out
+
+    def rows(self, label: str) -> list[dict]:
+        """Tidy per-image rows for results.csv."""
+        out = []
+        for r, (i, j, path) in enumerate(self.images.files):
+            found = bool(self.found[r])
+            row = {
+                "set": label, "prompt_index": i, "prompt": self.images.prompts.get(i, ""), "image_index": j,
+                "file": str(path), "face_found": int(found), "face_score": round(float(self.det_scores[r]), 5),
+            }
+            for k, name in enumerate(("box_x1", "box_y1", "box_x2", "box_y2")):
+                row[name] = int(self.boxes[r, k])
+            for a, names in self.classes.items():
+                p = self.probs[a][r]
+                for c, cname in enumerate(names):
+                    row[f"{a}_p_{cname}"] = round(float(p[c]), 6)
+                row[f"{a}_pred"] = names[int(p.argmax())] if found else ""
+                row[f"{a}_conf"] = round(float(p.max()), 6) if found else ""
+            for name, v in self.extra.items():
+                row[name] = "" if math.isnan(float(v[r])) else round(float(v[r]), 6)
+            out.append(row)
+        return out
+
+
+@torch.no_grad()
+def judge(
+    images: ImageSet,
+    classifier,
+    detector="mtcnn",
+    batch_size: int = 16,
+    device: str = "cpu",
+    clip=None,
+    grid_dir: str | Path | None = None,
+    grid_attrs: Sequence[Attribute | str] | None = None,
+    grid_tile: int = 256,
+    grid_order: str = "class",
+    progress: bool = True,
+) -> Judgement:
+    """Detect, crop and classify every image of `images`, prompt by prompt in batches of `batch_size`.
+
+    `classifier`: an `AttributeClassifier` (crops of its `input_size`); `detector`: a `common.faces` registry name or
+    instance; `clip`: (CLIPModel, tokenizer) for CLIP-T (`extra["clip_t"]`), None to skip. With `grid_dir`, writes
+    `prompt_{i}.jpg` annotated grids of `grid_attrs` (default: every attribute) with tiles of `grid_tile` px.
+    """
+    from common.faces import detect
+    from common.metrics import clip_score
+    from common.plots import annotated_grid
+
+    attrs_for_grid = list(grid_attrs) if grid_attrs is not None else list(classifier.attributes)
+    if grid_dir is not None:
+        Path(grid_dir).mkdir(parents=True, exist_ok=True)
+    by_prompt: dict[int, list[tuple[int, Path]]] = {}
+    for i, j, p in images.files:
+        by_prompt.setdefault(i, []).append((j, p))
+    cols: dict[str, list] = {"prompt": [], "index": [], "found": [], "boxes": [], "det": [], "clip_t": []}
+    logits: dict[str, list[torch.Tensor]] = {a: [] for a in classifier.attributes}
+    bar = tqdm(total=len(images.files), desc=f"judging {images.root.name}", unit="img", disable=not progress)
+    for i, items in by_prompt.items():
+        small, p_found, p_boxes, p_probs = [], [], [], {a: [] for a in classifier.attributes}
+        for s in range(0, len(items), batch_size):
+            chunk = items[s : s + batch_size]
+            x = read_images([p for _, p in chunk]).to(device)
+            faces = detect(x, detector, crop_size=classifier.input_size)
+            out = classifier(faces.crops)
+            for a, v in out.items():
+                logits[a].append(v.float().cpu())
+                p_probs[a].append(v.float().softmax(-1).cpu())
+            found, boxes = faces.found.cpu(), faces.boxes.cpu().long()
+            cols["prompt"] += [i] * len(chunk)
+            cols["index"] += [j for j, _ in chunk]
+            cols["found"].append(found)
+            cols["boxes"].append(boxes)
+            cols["det"].append(faces.scores.float().cpu())
+            if clip is not None:
+                model, tok = clip
+                cols["clip_t"].append(clip_score(x, [images.prompts[i]] * len(chunk), model, tok))
+            if grid_dir is not None:
+                scale = grid_tile / x.shape[-1]
+                small.append(torch.nn.functional.interpolate(x.float(), size=(grid_tile, grid_tile), mode="bilinear",
+                                                             antialias=True, align_corners=False).cpu())
+                p_found.append(found)
+                p_boxes.append(torch.where(boxes >= 0, boxes.float() * scale, boxes.float()))
+            bar.update(len(chunk))
+        if grid_dir is not None:
+            grid = annotated_grid(torch.cat(small), torch.cat(p_boxes), {a: torch.cat(v) for a, v in p_probs.items()},
+                                  torch.cat(p_found), attrs_for_grid, indices=[j for j, _ in items], order=grid_order)
+            grid.save(Path(grid_dir) / f"prompt_{i}.jpg", quality=90)
+    bar.close()
+    lg = {a: torch.cat(v) for a, v in logits.items()}
+    extra = {"clip_t": torch.cat(cols["clip_t"]).double()} if clip is not None else {}
+    return Judgement(
+        images=images,
+        prompt=torch.tensor(cols["prompt"], dtype=torch.long),
+        index=torch.tensor(cols["index"], dtype=torch.long),
+        found=torch.cat(cols["found"]),
+        boxes=torch.cat(cols["boxes"]),
+        det_scores=torch.cat(cols["det"]),
+        logits=lg,
+        probs={a: v.softmax(-1) for a, v in lg.items()},
+        classes=dict(classifier.attributes),
+        extra=extra,
+    )
+
+
+@torch.no_grad()
+def paired_scores(
+    images: ImageSet, reference: ImageSet, encoders: Mapping[str, object], batch_size: int = 16, device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """CLIP-I / DINO: for every image of `images` the cosine similarity to the reference image with the same prompt
+    index and image index (`common.metrics.paired_similarity`); float64 [N] in `images.files` order, NaN where the
+    reference has no partner. `encoders`: name -> `common.features.load_image_encoder` callable."""
+    from common.metrics import paired_similarity
+
+    partner = {(i, j): p for i, j, p in reference.files}
+    pairs = [(r, p, partner[(i, j)]) for r, (i, j, p) in enumerate(images.files) if (i, j) in partner]
+    if not pairs:
+        raise ValueError(f"{images.root} and {reference.root} share no (prompt index, image index) pair; --reference "
+                         "must hold the original model's images generated from the same prompts and seeds")
+    out = {name: torch.full((len(images.files),), float("nan"), dtype=torch.float64) for name in encoders}
+    bar = tqdm(total=len(pairs), desc="paired similarity", unit="pair", disable=not progress)
+    for s in range(0, len(pairs), batch_size):
+        chunk = pairs[s : s + batch_size]
+        a = read_images([p for _, p, _ in chunk]).to(device)
+        b = read_images([q for _, _, q in chunk]).to(device)
+        rows = torch.tensor([r for r, _, _ in chunk])
+        for name, enc in encoders.items():
+            out[name][rows] = paired_similarity(a, b, enc, batch_size=batch_size).double()
+        bar.update(len(chunk))
+    bar.close()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def attribute_specs(classes: Mapping[str, Sequence[str]], targets: Mapping[str, Sequence[float]] | None = None
+                    ) -> list[Attribute]:
+    """The classifier's attributes as `Attribute`s: presets (gender, race, age: their targets and colours) when the
+    class count fits, else uniform targets; `targets` overrides a target distribution by attribute name."""
+    targets = dict(targets or {})
+    unknown = set(targets) - set(classes)
+    if unknown:
+        raise KeyError(f"--target names attribute(s) {sorted(unknown)} the classifier does not have ({list(classes)})")
+    out = []
+    for name, names in classes.items():
+        base = PRESETS.get(name)
+        if base is not None and base.num_classes == len(names):
+            attr = Attribute(name, tuple(names), base.target, base.colors)
+        else:
+            attr = Attribute(name, tuple(names), uniform(len(names)))
+        out.append(attr.with_target(targets.get(name)))
+    return out
+
+
+def _fmt(summary: dict, m: str) -> str:
+    if summary is None or m not in summary["mean"]:
+        return ""
+    mean, std = summary["mean"][m], summary["std"][m]
+    if math.isnan(mean):
+        return "n/a"
+    s = f"{mean:.3f}" + ("" if math.isnan(std) else f" ± {std:.3f}")
+    if m in summary["ci"] and not math.isnan(summary["ci"][m][0]):
+        lo, hi = summary["ci"][m]
+        s += f" [{lo:.3f}, {hi:.3f}]"
+    return s
+
+
+def summary_markdown(summaries: Mapping[str, dict | None], title: str = "Evaluation") -> str:
+    """Markdown table: one row per metric, one column per image set (mean ± std over prompts [95% CI])."""
+    sets = [k for k, v in summaries.items() if v is not None]
+    metrics: list[str] = []
+    for k in sets:
+        metrics += [m for m in summaries[k]["metrics"] if m not in metrics]
+    first = summaries[sets[0]]
+    b = first["bootstrap"]
+    lines = [
+        f"# {title}",
+        "",
+        f"Mean ± std over prompts; [{int(b['level'] * 100)}% bootstrap interval: {b['n_boot']} resamples, "
+        f"resampling {'prompts and images within prompts' if b['resample'] == 'both' else b['resample']} for "
+        "frequency metrics, prompts for scores]. Frequencies among images with a detected face.",
+        "",
+        "| metric | " + " | ".join(sets) + " |",
+        "|---|" + "---|" * len(sets),
+    ]
+    for m in metrics:
+        lines.append(f"| {m} | " + " | ".join(_fmt(summaries[k], m) for k in sets) + " |")
+    lines.append("")
+    lines.append("| set | prompts | images | prompts without any face |")
+    lines.append("|---|---|---|---|")
+    for k in sets:
+        s = summaries[k]
+        lines.append(f"| {k} | {s['n_prompts']} | {s['n_images']} | {s['n_prompts_without_faces']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def short_labels(texts: Sequence[str], ids: Sequence[int], width: int = 40) -> list[str]:
+    """Axis labels: the part of each prompt that differs (a shared template's prefix and suffix removed, e.g.
+    "a photo of the face of a senator, a person" -> "senator"), cut to `width` characters; "prompt i" when empty."""
+    import os
+
+    texts = list(texts)
+    if len(texts) > 1 and all(texts):
+        pre = len(os.path.commonprefix(texts))
+        suf = len(os.path.commonprefix([t[::-1] for t in texts]))
+        if all(len(t) - pre - suf > 0 for t in texts):
+            texts = [t[pre : len(t) - suf] for t in texts]
+    return [(t if len(t) <= width else t[: width - 1] + "…") if t else f"prompt {i}" for t, i in zip(texts, ids)]
+
+
+def _frequency_matrix(summary: dict, attr: Attribute, prompts: list[int]) -> np.ndarray:
+    return np.array([[summary["per_prompt"][f"{attr.name}_freq_{c}"].get(i, np.nan) for c in attr.classes]
+                     for i in prompts])
+
+
+PAIRED_NAMES = {"clip": "clip_i", "tiny-clip": "clip_i", "dino": "dino", "tiny-dino": "dino"}
+"""image encoder name -> the score it gives with --reference"""
+
+
+def load_judges(
+    classifier: str = "eval",
+    classifier_path=None,
+    clip_model: str | None = None,
+    image_encoders: Sequence[str] = (),
+    device: str = "cpu",
+    classifier_kwargs: Mapping | None = None,
+) -> dict:
+    """Load the evaluation models once (and early, so that a missing weight file fails before any long work):
+    {"classifier": AttributeClassifier, "clip": (CLIPModel, tokenizer) | None, "encoders": {name: encoder}}."""
+    from common.classifiers import load_classifier
+
+    out: dict = {"classifier": load_classifier(classifier, path=classifier_path, device=device,
+                                               **dict(classifier_kwargs or {})), "clip": None, "encoders": {}}
+    if clip_model:
+        from common.metrics import load_clip_model
+        from common.models import clip_tokenizer
+
+        out["clip"] = (load_clip_model(clip_model, device=device), clip_tokenizer())
+    if image_encoders:
+        from common.features import load_image_encoder
+
+        out["encoders"] = {name: load_image_encoder(name, device=device) for name in image_encoders}
+    return out
+
+
+def evaluate(
+    images_dir: str | Path,
+    out_dir: str | Path,
+    classifier: str = "eval",
+    classifier_path=None,
+    detector: str = "mtcnn",
+    reference_dir: str | Path | None = None,
+    prompts: Sequence[str] | None = None,
+    clip_model: str | None = None,
+    image_encoders: Sequence[str] = ("clip", "dino"),
+    targets: Mapping[str, Sequence[float]] | None = None,
+    labels: tuple[str, str] = ("debiased", "original"),
+    batch_size: int = 16,
+    device: str | None = None,
+    grids: bool = True,
+    grid_tile: int = 256,
+    grid_order: str = "class",
+    n_boot: int = 1000,
+    threshold: float = 0.8,
+    progress: bool = True,
+    classifier_kwargs: Mapping | None = None,
+    judges: dict | None = None,
+) -> dict:
+    """Judge `images_dir` (and `reference_dir`), compute the metrics and write the report into `out_dir` (see the
+    module docstring). `judges`: models already loaded by `load_judges` (then classifier / clip_model /
+    image_encoders are only recorded). Returns {"summaries": {label: summary}, "attributes": [...], "settings"}."""
+    from common.metrics import summarize
+    from common.plots import attribute_colors, frequency_plot
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sets = {labels[0]: scan_images(images_dir, prompts)}
+    if reference_dir is not None:
+        sets[labels[1]] = scan_images(reference_dir, prompts)
+    if clip_model or (judges and judges.get("clip")):
+        for s in sets.values():
+            if any(not t for t in s.prompts.values()):
+                raise ValueError(f"{s.root}: CLIP-T needs the prompt texts; the folder has no manifest.json with "
+                                 "them: pass --prompts FILE:SPLIT")
+    if judges is None:
+        judges = load_judges(classifier, classifier_path, clip_model, image_encoders if reference_dir else (),
+                             device, classifier_kwargs)
+    clf, clip, encs = judges["classifier"], judges.get("clip"), judges.get("encoders") or {}
+    attrs = attribute_specs(clf.attributes, targets)
+
+    judged: dict[str, Judgement] = {}
+    for label, s in sets.items():
+        judged[label] = judge(s, clf, detector, batch_size, device, clip,
+                              grid_dir=out / "grids" / label if grids else None, grid_attrs=attrs,
+                              grid_tile=grid_tile, grid_order=grid_order, progress=progress)
+    if reference_dir is not None and encs:
+        scores = paired_scores(sets[labels[0]], sets[labels[1]], encs, batch_size, device, progress)
+        for name, v in scores.items():
+            judged[labels[0]].extra[PAIRED_NAMES.get(name, name)] = v
+
+    summaries = {label: summarize(j.table(), attrs, threshold=threshold, n_boot=n_boot) for label, j in judged.items()}
+
+    # files
+    rows = [r for label, j in judged.items() for r in j.rows(label)]
+    _write_csv(out / "results.csv", rows)
+    for label, j in judged.items():
+        name = "test_results.pkl" if label == labels[0] else "reference_test_results.pkl"
+        with (out / name).open("wb") as f:
+            pickle.dump(j.authors_results(), f)
+    title = f"Evaluation of {Path(images_dir)}" + (f" against {Path(reference_dir)}" if reference_dir else "")
+    (out / "summary.md").write_text(summary_markdown(summaries, title))
+    metric_rows = []
+    for label, s in summaries.items():
+        for m in s["metrics"]:
+            lo, hi = s["ci"].get(m, (float("nan"), float("nan")))
+            metric_rows.append({"set": label, "metric": m, "mean": s["mean"][m], "std": s["std"][m], "ci_low": lo,
+                                "ci_high": hi, "n_prompts": s["n_prompts"]})
+    _write_csv(out / "summary.csv", metric_rows)
+    pp_rows = []
+    for label, s in summaries.items():
+        texts = sets[label].prompts
+        for i in sorted(texts):
+            pp_rows.append({"set": label, "prompt_index": i, "prompt": texts[i],
+                            **{m: s["per_prompt"][m].get(i, float("nan")) for m in s["metrics"]}})
+    _write_csv(out / "per_prompt.csv", pp_rows)
+    prompt_ids = sets[labels[0]].prompt_indices()
+    names = short_labels([sets[labels[0]].prompts[i] for i in prompt_ids], prompt_ids)
+    import matplotlib.pyplot as plt
+
+    for a in attrs:
+        after = _frequency_matrix(summaries[labels[0]], a, prompt_ids)
+        before = _frequency_matrix(summaries[labels[1]], a, prompt_ids) if reference_dir is not None else None
+        fig = frequency_plot(after, a.target, a.classes, colors=attribute_colors(a), freq_before=before,
+                             prompt_labels=names, title=f"{a.name}: per-prompt frequencies", labels=labels[::-1])
+        fig.savefig(out / f"frequency_{a.name}.png", dpi=110)
+        plt.close(fig)
+    settings = {"images": str(images_dir), "reference": str(reference_dir) if reference_dir else None,
+                "classifier": classifier, "classifier_path": str(classifier_path) if classifier_path else None,
+                "detector": detector, "clip_model": clip_model, "image_encoders": list(image_encoders),
+                "threshold": threshold, "labels": list(labels)}
+    report = {"settings": settings, "attributes": [{"name": a.name, "classes": list(a.classes),
+                                                     "target": list(a.target)} for a in attrs],
+              "summaries": summaries}
+    (out / "summary.json").write_text(json.dumps(_json_keys(report), indent=2) + "\n")
+    return report
+
+
+def _json_keys(obj):
+    """JSON with int dict keys (prompt indices) as strings and NaN as null."""
+    if isinstance(obj, dict):
+        return {str(k): _json_keys(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_keys(v) for v in obj]
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _parse_targets(items: Sequence[str] | None) -> dict[str, list[float]]:
+    out = {}
+    for item in items or []:
+        name, sep, vals = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[name] = [float(v) for v in vals.split(",")]
+        except ValueError:
+            raise ValueError(f"--target {item!r}: expected NAME=P1,P2,... e.g. age=0.75,0.25") from None
+    return out
+
+
+def _parse_classifier_path(items: Sequence[str] | None):
+    if not items:
+        return None
+    if all("=" in it for it in items):
+        return {k: v for k, _, v in (it.partition("=") for it in items)}
+    if len(items) == 1:
+        return items[0]
+    raise ValueError(f"--classifier-path {' '.join(items)}: give one path, or ATTRIBUTE=PATH pairs for 'eval'")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m common.evaluate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", required=True, help="folder of prompt_{i}/img_{j}.png (the evaluated model)")
+    ap.add_argument("--reference", help="the original model's images from the same noise (CLIP-I / DINO pairs)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--classifiers", "--classifier", dest="classifier", default="eval",
+                    help="classifier registry name (eval, fairface8, ...; `python -m common.classifiers list`)")
+    ap.add_argument("--classifier-path", nargs="+", help="weights file, or ATTRIBUTE=PATH pairs for 'eval'")
+    ap.add_argument("--classifier-input-size", type=int,
+                    help="crop size the classifier sees (default its own: 224 for the authors' checkpoints)")
+    ap.add_argument("--detector", default="mtcnn", help="face detector: mtcnn | whole-image | toy")
+    ap.add_argument("--prompts", help="FILE[:SPLIT] prompt texts when the folder has no manifest.json")
+    ap.add_argument("--clip-model", help="CLIP (both towers) for CLIP-T, e.g. " + "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+                    + " or a local folder; omitted: CLIP-T is not computed")
+    ap.add_argument("--image-encoders", nargs="*", default=["clip", "dino"],
+                    help="encoders for CLIP-I / DINO with --reference (common.features names)")
+    ap.add_argument("--target", action="append", metavar="NAME=P1,P2", help="override a target, e.g. age=0.75,0.25")
+    ap.add_argument("--labels", nargs=2, default=["debiased", "original"], metavar=("IMAGES", "REFERENCE"))
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--device")
+    ap.add_argument("--no-grids", action="store_true")
+    ap.add_argument("--grid-tile", type=int, default=256, help="tile side in the grids (px)")
+    ap.add_argument("--grid-order", choices=["class", "index"], default="class")
+    ap.add_argument("--n-boot", type=int, default=1000)
+    ap.add_argument("--threshold", type=float, default=0.8, help="low-confidence threshold")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    prompts = None
+    if args.prompts:
+        from common.prompts import load_prompts
+
+        prompts = load_prompts(args.prompts)
+    report = evaluate(
+        args.images, args.out, classifier=args.classifier, classifier_path=_parse_classifier_path(args.classifier_path),
+        detector=args.detector, reference_dir=args.reference, prompts=prompts, clip_model=args.clip_model,
+        image_encoders=args.image_encoders, targets=_parse_targets(args.target), labels=tuple(args.labels),
+        batch_size=args.batch_size, device=args.device, grids=not args.no_grids, grid_tile=args.grid_tile,
+        grid_order=args.grid_order, n_boot=args.n_boot, threshold=args.threshold,
+        classifier_kwargs={"input_size": args.classifier_input_size} if args.classifier_input_size else None,
+    )
+    print((Path(args.out) / "summary.md").read_text())
+    return report
+
+
+if __name__ == "__main__":
+    main()
