@@ -3,7 +3,7 @@
 FILE is a JSON in the authors' layout (data.zip `1-prompts/`), looked up in `data/1-prompts/` first (so an unpacked
 data.zip wins) and then in the project's own `data/prompts/`; an explicit path also works. A `.txt` file holds one
 prompt per line. SPLIT is `train`, `val` or `test`, or any key of the file holding a list of prompts. `toy:SPLIT` names
-the toy world's prompts (`train`, `heldout`, `val`).
+the toy world's prompts (`train`, `heldout`).
 """
 
 from __future__ import annotations
@@ -62,9 +62,13 @@ def load_prompts(spec: str, data_dir: str | Path = "data") -> list[str]:
         repeat = int(rep)
     name, _, split = spec.rpartition(":") if ":" in spec else (spec, "", "")
     if name == "toy":
-        from common.toy.world import toy_prompts
+        from common.toy.world import ToyWorld
 
-        prompts = toy_prompts(split)
+        world = ToyWorld()
+        splits = {"train": world.train_occupations, "heldout": world.heldout_occupations}
+        if split not in splits:
+            raise KeyError(f"prompt spec '{spec}': the toy world's splits are {sorted(splits)}")
+        prompts = [world.prompt(o) for o in splits[split]]
     else:
         path = resolve_file(name, data_dir)
         if path.suffix == ".txt":

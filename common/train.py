@@ -156,7 +156,7 @@ class Trainer:
         self.attrs = cfg.attribute_specs()
         self.heads = {a.name: cfg.attributes[a.name].head or a.name for a in self.attrs}
         self.classifier = load_classifier(j.classifier, j.classifier_path, device=self.device, dtype=dtype)
-        self.detector = get_detector(j.detector, device=self.device)
+        self.detector = get_detector(j.detector)  # runs on the images' device
         self.encoders = [load_image_encoder(n, device=self.device, dtype=dtype) for n in j.features]
         self.face_encoder = load_face_encoder(j.face_encoder, device=self.device, dtype=dtype) if j.face_encoder else None
         self.face_bank = FaceBank.load(j.face_bank).to(self.device) if j.face_bank else None
@@ -432,12 +432,10 @@ class Trainer:
             bar.set_postfix({"loss": f"{logs['loss']:.3f}", **{k: f"{v:.2f}" for k, v in logs.items() if k.startswith("bias_")}})
             if tr.validate_every and (s % tr.validate_every == 0 or s == tr.max_steps):
                 self.logger.log(self.validate(), s)
-            if tr.permanent_every and s % tr.permanent_every == 0:
-                self.save(permanent=True)
+            if s == tr.max_steps or (tr.permanent_every and s % tr.permanent_every == 0):
+                self.save(permanent=True)  # the last step is always kept
             elif tr.checkpoint_every and s % tr.checkpoint_every == 0:
                 self.save(permanent=False)
-        if not (self.run_dir / "ckpts" / f"checkpoint-{self.step_count}").exists():
-            self.save(permanent=True)
         bar.close()
         self.logger.close()
 
