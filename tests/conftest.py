@@ -13,6 +13,10 @@ sys.path.insert(0, str(ROOT))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# The tests' models are tiny: one intra-op thread is faster than two (no fork/join per small op) and immune to the
+# oversubscription that makes two threads pathologically slow when the two cores are shared.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
