@@ -347,7 +347,12 @@ def _no_checkpointing(*modules):
 
 
 def _has_trainable(components: Components) -> bool:
-    return any(p.requires_grad for m in (components.text_encoder, components.unet) for p in m.parameters())
+    """True when a U-Net tensor requires grad or the conditioning does (text-encoder LoRA, or prefix embeddings that
+    live outside the text encoder's parameters and reach it through a hook): probed with one short encoding."""
+    if any(p.requires_grad for p in components.unet.parameters()):
+        return True
+    with torch.enable_grad():
+        return encode_prompts(components, [""], "reference").cond.requires_grad
 
 
 def dft_backward(
@@ -483,8 +488,9 @@ def _dft_fast(
     pairs = [(k, b) for k in range(first, steps) for b in range(n)]
     with _no_checkpointing(components.unet), torch.enable_grad():
         cond = encode_prompts(components, prompts, conditioning)
-        leaf = Conditioning(cond.cond.detach().requires_grad_(cond.requires_grad),
-                            cond.uncond.detach().requires_grad_(cond.requires_grad))
+        # per tensor: with prefix tokens only the conditional branch carries them (the empty prompt has no prefix)
+        leaf = Conditioning(cond.cond.detach().requires_grad_(cond.cond.requires_grad),
+                            cond.uncond.detach().requires_grad_(cond.uncond.requires_grad))
         for s in tqdm(range(0, len(pairs), chunk), desc="DFT fast", disable=not progress, leave=False):
             ks = torch.tensor([p[0] for p in pairs[s : s + chunk]])
             bs = torch.tensor([p[1] for p in pairs[s : s + chunk]])
@@ -499,6 +505,6 @@ def _dft_fast(
                 surrogate.backward()
         if cond.requires_grad:
             grads = [leaf.cond.grad, leaf.uncond.grad]
-            outs = [o for o, gr in zip((cond.cond, cond.uncond), grads) if gr is not None]
-            torch.autograd.backward(outs, [gr for gr in grads if gr is not None])
+            live = [(o, gr) for o, gr in zip((cond.cond, cond.uncond), grads) if gr is not None and o.requires_grad]
+            torch.autograd.backward([o for o, _ in live], [gr for _, gr in live])
     return loss.detach()

@@ -141,7 +141,8 @@ class Trainer:
         else:
             ad.add_lora(self.comps, ft.text_encoder_lora, ft.unet_lora, ft.rank)
             self.conditioning = "reference"
-        self.unet_shared = not ft.unet_lora  # finetuned and original model share the U-Net: one rollout for both
+        # finetuned and original model share the U-Net (and their prompts have one token length): one rollout for both
+        self.unet_shared = not ft.unet_lora and not ft.prefix_tokens
         self.params = ad.trainable_parameters(self.comps)
         self.opt = torch.optim.AdamW(self.params.values(), lr=cfg.train.lr, betas=(0.9, 0.999),
                                      weight_decay=cfg.train.weight_decay, eps=1e-8)
