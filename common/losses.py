@@ -24,6 +24,12 @@ from common.alignment import alignment_loss
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _dtype(module) -> torch.dtype:
+    """The dtype a module computes in (its first parameter's; fp32 for a parameter-free module)."""
+    p = next(iter(module.parameters()), None)
+    return p.dtype if p is not None else torch.float32
+
+
 @dataclass
 class Judged:
     """What the judges said about a batch of N images.
@@ -47,7 +53,7 @@ def classify(classifier, crops: torch.Tensor, found: torch.Tensor, heads: Mappin
 
     heads: attribute name -> classifier output name.
     """
-    logits = classifier(crops.to(next(classifier.parameters()).dtype))
+    logits = classifier(crops.to(_dtype(classifier)))
     out = {}
     for attr, head in heads.items():
         if head not in logits:
@@ -207,7 +213,7 @@ class FairnessLoss:
         # distributional alignment: one CE per attribute on the faces that got a target
         if found.any():
             crops = crop_faces(images, gen.boxes[idx].to(dev), self.classifier.input_size)
-            logits = self.classifier(crops.to(next(self.classifier.parameters()).dtype))
+            logits = self.classifier(crops.to(_dtype(self.classifier)))
             for a, head in self.heads.items():
                 t = torch.where(found, self.targets[a][idx].to(dev), torch.full_like(found, -1, dtype=torch.long))
                 ce = alignment_loss(logits[head].float(), t)

@@ -74,3 +74,41 @@ def test_two_processes_agree(tmp_path):
     assert res["identical"] == [True, True, True]
     assert res["skipped"] == [0.0, 1.0, 0.0]  # the NaN on rank 1 at step 1 skipped the step on both processes
     assert res["changed"][1] == [0.0, 0.0] and res["changed"][0] == [1.0, 1.0]
+
+
+class _ColourNet(torch.nn.Module):
+    """Female logit = 20 * mean(red - blue), male logit = 4: a judge that calls (almost) every image male, and whose
+    verdict any colour shift of the whole image can move."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(20.0))
+
+    def forward(self, x):
+        return torch.stack([self.scale * (x[:, 0] - x[:, 2]).mean((1, 2)), torch.full_like(x[:, 0, 0, 0], 4.0)], -1)
+
+
+def _biased_classifier(device="cpu", dtype=torch.float32, **_):
+    from common.classifiers import AttributeClassifier, Head
+
+    clf = AttributeClassifier(_ColourNet(), [Head("gender", ("female", "male"), (0, 1))], input_size=64, name="test-biased")
+    return clf.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def test_alignment_signal_reaches_the_parameters(tmp_path):
+    """A classifier that calls (almost) everyone male: the 50/50 targets ask for half female. 20 steps on one fixed
+    prompt must lower the alignment loss, which only happens if its gradient reaches the LoRA through the chain."""
+    from common.classifiers import register_classifier
+
+    register_classifier("test-biased", _biased_classifier)
+    (tmp_path / "p.txt").write_text("a photo of the face of a nurse, a person\n")
+    cfg = load_config(ROOT / "exp-1-debias-gender/configs/debias-text-encoder-and-unet.yaml", tiny_overrides(
+        tmp_path / "run", "judges.classifier=test-biased", "judges.features=[]", "loss.w_img=0", "loss.w_face=0",
+        f"prompts.train=[{tmp_path / 'p.txt'}:train]", f"prompts.val=[{tmp_path / 'p.txt'}:val]",
+        "train.images_per_prompt=8", "train.micro_batch=8", "train.lr=0.05", "sampling.train_steps=[3, 3]",
+        "finetune.rank=4", "train.checkpoint_every=0"))
+    tr = Trainer(cfg)
+    losses = [tr.step()["loss_align_gender"] for _ in range(20)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < 0.7 * first, losses
