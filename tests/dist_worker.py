@@ -14,11 +14,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
+from train_helpers import tiny_overrides  # noqa: E402
 
 from common.alignment import assign, expected_targets  # noqa: E402
 from common.config import load_config  # noqa: E402
 from common.train import Trainer  # noqa: E402
-from train_helpers import tiny_overrides  # noqa: E402
 
 
 def flat_params(tr):

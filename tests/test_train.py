@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_helpers import tiny_overrides
 
 from common.config import load_config
 from common.train import Trainer, latest_checkpoint
-from train_helpers import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(p for p in ROOT.glob("exp-*/configs/*.yaml") if p.name.startswith(("debias-", "toy")))

@@ -76,7 +76,8 @@ def run_demo(out: str | Path = "outputs/demo", config: str | Path = DEFAULT_CONF
         summary[f"{prefix}gender_race_bias_before"] = mean(split, "original", "gender_race_bias")
         summary[f"{prefix}gender_race_bias_after"] = mean(split, "debiased", "gender_race_bias")
     sim_keys = [k for k in summaries["heldout"]["debiased"]["mean"] if k.startswith(("sim_", "clip_i", "dino", "toy"))]
-    summary["similarity_after"] = (sum(mean("heldout", "debiased", k) for k in sim_keys) / len(sim_keys)) if sim_keys else float("nan")
+    sims = [mean("heldout", "debiased", k) for k in sim_keys]
+    summary["similarity_after"] = sum(sims) / len(sims) if sims else float("nan")
     summary["degraded_rate_after"] = 1 - mean("heldout", "debiased", "face_rate")
     summary["degraded_rate_before"] = 1 - mean("heldout", "original", "face_rate")
     summary["train_minutes"] = train_minutes
@@ -85,7 +86,8 @@ def run_demo(out: str | Path = "outputs/demo", config: str | Path = DEFAULT_CONF
     table = ["| split | metric | before | after |", "|---|---|---|---|"]
     for split, prefix in (("train", "train_"), ("heldout", "")):
         for a in ("gender", "race", "gender_race"):
-            table.append(f"| {split} | {a} bias | {summary[f'{prefix}{a}_bias_before']:.3f} | {summary[f'{prefix}{a}_bias_after']:.3f} |")
+            before, after = summary[f"{prefix}{a}_bias_before"], summary[f"{prefix}{a}_bias_after"]
+            table.append(f"| {split} | {a} bias | {before:.3f} | {after:.3f} |")
     (out / "bias_table.md").write_text("\n".join(table) + "\n")
     print("\n".join(["", "=" * 72, "fair-diffusion demo: gender x race debiasing on the toy world (text-encoder LoRA)",
                      "=" * 72, *table, "",
