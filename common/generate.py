@@ -301,8 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the authors' exported .pth files or their folder (text_encoder_lora_EMA.pth, ...)")
     src.add_argument("--prefix", help="prefix-token embeddings (learned_embeds-*.safetensors file or folder)")
     src.add_argument("--no-ema", action="store_true", help="with --released folders: the non-EMA files")
-    ap.add_argument("--prompts", required=True,
-                    help="FILE[:SPLIT]: occupation.json:test, a key of the JSON, or a .txt with one prompt per line")
+    ap.add_argument("--prompts", required=True, action="append",
+                    help="FILE[:SPLIT]: occupation.json:test, a key of the JSON, or a .txt with one prompt per line; "
+                         "repeat to concatenate sets")
     ap.add_argument("--images-per-prompt", type=int, default=60)
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=30)
@@ -319,12 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     from common.models import load_components
-    from common.prompts import load_prompts
+    from common.prompts import load_prompt_sets
 
     args = build_parser().parse_args(argv)
     device = args.device or default_device()
     dtype = DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")]
-    prompts = load_prompts(args.prompts)[: args.limit_prompts or None]
+    prompts = load_prompt_sets(args.prompts)[: args.limit_prompts or None]
     # fail fast, before loading the model, on the settings known already (the rest is checked when writing)
     check_manifest(args.out, {"model": args.model, "prompts": prompts, "steps": args.steps,
                               "guidance": args.guidance, "seed": args.seed})
