@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -53,7 +54,6 @@ def run_demo(out: str | Path = "outputs/demo", config: str | Path = DEFAULT_CONF
     from common.train import Trainer
 
     t0 = time.time()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(out)
     cfg = load_config(config, [f"paths.output_dir={out / 'run'}", *(overrides or [])])
     print(f"[demo] training {cfg.train.max_steps} steps on the toy world ({config}); run folder {out / 'run'}")
@@ -106,5 +106,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--images", type=int, default=32, help="images per prompt for the before/after measurement")
     ap.add_argument("--prompts", type=int, default=12, help="occupations measured per split")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--threads", default="auto",
+                    help="torch threads; auto = 2 on an idle machine, 1 when other work shares the cores (two OpenMP "
+                         "threads then spin-wait and run many times slower)")
     a = ap.parse_args(argv)
+    threads = a.threads
+    if threads == "auto":
+        threads = 1 if os.getloadavg()[0] > 1.0 else min(2, os.cpu_count() or 1)
+    torch.set_num_threads(int(threads))
+    print(f"[demo] {torch.get_num_threads()} torch thread(s)")
     return run_demo(a.out, a.config, a.images, a.prompts, a.overrides)
