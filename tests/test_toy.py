@@ -1,0 +1,225 @@
+"""The toy world: determinism, design (splits, biases), the renderer against its own drawing parameters, and the
+shipped models in data/toy/ (classifier vs fresh renders, components, detector, encoder, base-model bias)."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from common.toy.degrade import KINDS, degrade
+from common.toy.world import OLD_HAIR, SKIN, YOUNG_HAIR, ToyWorld, to_tensor
+
+
+@pytest.fixture(scope="module")
+def world():
+    return ToyWorld()
+
+
+@pytest.fixture(scope="module")
+def shipped(repo_root):
+    """The shipped toy weights (data/toy/, committed; `make toy` rebuilds them)."""
+    from common.toy.judges import load_classifier, load_image_encoder
+    from common.toy.models import load_toy_components
+
+    return load_toy_components(), load_classifier(), load_image_encoder()
+
+
+# ---- world --------------------------------------------------------------------------------------------------------
+
+
+def test_world_is_deterministic_for_a_seed(world):
+    def draw(seed):
+        rng = np.random.default_rng(seed)
+        people = world.sample_people(rng, 40)
+        return people, world.render(people), world.captions(rng, people)
+
+    (p1, i1, c1), (p2, i2, c2), (_, i3, _) = draw(7), draw(7), draw(8)
+    assert np.array_equal(i1, i2) and c1 == c2
+    assert all(np.array_equal(getattr(p1, f), getattr(p2, f)) for f in ("gender", "race", "age", "field", "cx"))
+    assert not np.array_equal(i1, i3)
+    assert i1.dtype == np.uint8 and i1.shape == (40, 32, 32, 3)
+    # people differ from each other (position jitter, face shape...): no two renders identical
+    assert len({im.tobytes() for im in i1}) == 40
+
+
+def test_heldout_occupations_are_new_combinations_of_seen_words(world):
+    train, held = world.train_occupations, world.heldout_occupations
+    assert not set(train) & set(held) and len(held) == 32 and len(train) == 224
+    seen_fields = {o.split()[0] for o in train}
+    seen_roles = {o.split()[1] for o in train}
+    assert all(o.split()[0] in seen_fields and o.split()[1] in seen_roles for o in held)
+    # dozens of training combinations for every word, held-out words balanced
+    for f in world.fields:
+        assert sum(o.split()[0] == f for o in train) == 14
+        assert sum(o.split()[0] == f for o in held) == 2
+    for r in world.roles:
+        assert sum(o.split()[1] == r for o in train) == 14
+    assert world.prompt(held[0]) == f"a photo of the face of a {held[0]}, a person"
+
+
+def test_sampled_attributes_follow_the_designed_biases(world):
+    """Frequencies of 20000 draws vs the design tables (85/15 gender by field parity, 72% skin family role % 4);
+    tolerance 0.02 is > 4 binomial standard deviations for the per-group counts here."""
+    p = world.sample_people(np.random.default_rng(0), 20000)
+    female_fields = p.field % 2 == 0
+    assert abs((p.gender[female_fields] == 0).mean() - 0.85) < 0.02
+    assert abs((p.gender[~female_fields] == 1).mean() - 0.85) < 0.02
+    assert abs((p.race == p.role % 4).mean() - 0.72) < 0.02
+    # both directions of the gender bias occur on the held-out split too
+    dirs = {world.distributions(f, r)["gender"][0] > 0.5 for f, r in world.heldout_pairs}
+    assert dirs == {True, False}
+
+
+def test_renderer_draws_the_designed_attributes(world):
+    """Pixel oracle from the drawing parameters: the cheek is the skin family's colour, the top of the head is the
+    hair colour (grey-white if old), and beside the jaw the pixel is nearer the hair colour than the background's
+    only for long hair (female). Tolerance 12/255: per-channel jitter is inside the expected colours already, the rest
+    is anti-aliasing of neighbouring shapes."""
+    rng = np.random.default_rng(3)
+    n = 64
+    p = world.draw(rng, rng.integers(0, 2, n), rng.integers(0, 4, n), rng.integers(0, 2, n),
+                   rng.integers(0, 16, n), rng.integers(0, 16, n))
+    img = world.render(p).astype(np.float32)
+    for i in range(n):
+        cx, cy, rx, ry = p.cx[i], p.cy[i], p.rx[i], p.ry[i]
+        cheek = img[i, int(cy + 0.5 * ry), int(cx - 0.55 * rx)]
+        assert np.abs(cheek - (SKIN[p.race[i]] + p.skin_jit[i])).max() < 12, i
+        hair = (OLD_HAIR if p.age[i] == 1 else YOUNG_HAIR[p.hair_kind[i]]) + p.hair_jit[i]
+        top = img[i, int(cy - ry + 0.5), int(cx)]
+        assert np.abs(top - hair).max() < 12, i
+        y, x = int(cy + 0.45 * ry), int(cx + rx + 1.0)
+        bg = (world.field_colors[p.field[i]] + p.bg_jit[i]) * (1 + p.bg_grad[i] * (y + 0.5 - 16) / 16)
+        side = img[i, y, x]
+        assert (np.abs(side - hair).sum() < np.abs(side - bg).sum()) == (p.gender[i] == 0), i
+
+
+def test_captions_name_attributes_at_the_designed_rate(world):
+    rng = np.random.default_rng(1)
+    p = world.sample_people(rng, 4000)
+    caps = world.captions(rng, p)
+    female = np.array([bool(re.search(r"long hair|\bwoman\b", c)) for c in caps])
+    male = np.array([bool(re.search(r"short hair|\bman\b", c)) for c in caps])
+    # 4000 draws: 0.03 is > 4 binomial standard deviations around the designed 25 % mention rate
+    assert abs((female | male).mean() - 0.25) < 0.03
+    assert not (female & male).any()
+    assert (p.gender[female] == 0).all() and (p.gender[male] == 1).all()
+    occ = [world.occupation(f, r) for f, r in zip(p.field, p.role)]
+    assert all(o.split()[1] in c and o.split()[0] in c for o, c in zip(occ, caps))
+
+
+# ---- shipped models -----------------------------------------------------------------------------------------------
+
+
+def test_missing_weights_say_how_to_build(tmp_path):
+    from common.toy.models import load_toy_components
+
+    with pytest.raises(FileNotFoundError, match="make toy"):
+        load_toy_components(path=tmp_path)
+
+
+def test_classifier_reads_fresh_renders(world, shipped):
+    """Independent check of renderer and classifier: attributes of 400 fresh renders (a seed never used in the build)
+    are recognised, renders are valid, and most degraded copies are rejected."""
+    _, clf, _ = shipped
+    assert clf.attributes == {"gender": ("female", "male"), "race": ("WMELH", "Black", "Indian", "Asian"),
+                              "age": ("young", "old")}
+    rng = np.random.default_rng(12345)
+    p = world.sample_balanced(rng, 400)
+    x = to_tensor(world.render(p))
+    with torch.no_grad():
+        probs = clf.predict(x)
+        for a in ("gender", "race", "age"):
+            acc = (probs[a].argmax(-1).numpy() == getattr(p, a)).mean()
+            assert acc > 0.95, (a, acc)
+        assert (clf.validity(x) >= 0.5).float().mean() > 0.97
+        g = torch.Generator().manual_seed(0)
+        bad = degrade(x[:8 * len(KINDS)], torch.arange(len(KINDS)).repeat_interleave(8), g)
+        assert (clf.validity(bad) < 0.5).float().mean() > 0.8
+        # 224-pixel crops (what faces.detect gives at its default size) read the same
+        big = torch.nn.functional.interpolate(x[:32], size=224, mode="bilinear", align_corners=False)
+        assert torch.equal(clf.predict(big)["race"].argmax(-1), probs["race"][:32].argmax(-1))
+
+
+def test_toy_detector_through_faces_detect(world, shipped):
+    from common.faces import detect
+
+    x = to_tensor(world.render(world.sample_people(np.random.default_rng(2), 6)))
+    x[-1] = degrade(x[-1:], torch.tensor([KINDS.index("scramble")]), torch.Generator().manual_seed(0))[0]
+    faces = detect(x, "toy", crop_size=32)
+    assert faces.found[:5].all() and not faces.found[5]
+    # expansion 0: the crop of a found face is the whole image
+    assert torch.allclose(faces.crops[:5], x[:5], atol=1e-5)
+    assert faces.landmarks.shape == (6, 5, 2) and (faces.raw_boxes[5] == -1).all()
+
+
+def test_image_encoder_is_normalised_differentiable_and_flags_damage(world, shipped):
+    _, _, enc = shipped
+    rng = np.random.default_rng(4)
+    p = world.sample_balanced(rng, 64)
+    q = p.with_attributes(gender=1 - p.gender, race=(p.race + 1) % 4)
+    a, b = to_tensor(world.render(p)), to_tensor(world.render(q))
+    x = a.clone().requires_grad_(True)
+    f = enc(x)
+    assert f.shape == (64, 128) and torch.allclose(f.norm(dim=-1), torch.ones(64), atol=1e-4)
+    f.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    with torch.no_grad():
+        same = (enc(a) * enc(b)).sum(-1)
+        g = torch.Generator().manual_seed(1)
+        for kind in ("blotchy", "washed"):
+            bad = (enc(a) * enc(degrade(a, torch.full((64,), KINDS.index(kind)), g))).sum(-1)
+            assert same.mean() > bad.mean() + 0.2, kind
+
+
+def test_components_generate_images(shipped):
+    from common.sampling import sample
+
+    comps, _, _ = shipped
+    assert comps.name == "toy" and comps.latent_shape() == (4, 8, 8) and comps.vae_factor == 4
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = sample(comps, ["a photo of the face of a ocean engineer, a person"] * 2, noise, steps=4)
+    assert out.images.shape == (2, 3, 32, 32) and out.images.abs().max() <= 1
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="known defect of the shipped interim toy weights (issue #7 open): the "
+                   "validity judge rejects ~half of the base model's held-out samples (long-hair ones most), so fewer "
+                   "than 12 of 16 are valid")
+def test_base_model_bias_points_the_designed_way_on_heldout(world, shipped):
+    """On 4 held-out occupations (both gender directions), the majority of valid generated images has the field's
+    majority hair length and the role's dominant skin family (16 images, 10 steps each)."""
+    from common.generate import noise_for
+    from common.sampling import sample
+
+    comps, clf, _ = shipped
+    pairs = world.heldout_pairs[:4]
+    assert {f % 2 for f, _ in pairs} == {0, 1}
+    for f, r in pairs:
+        prompt = world.prompt(world.occupation(f, r))
+        imgs = sample(comps, [prompt] * 16, noise_for(prompt, range(16), (4, 8, 8)), steps=10).images
+        with torch.no_grad():
+            valid = clf.validity(imgs) >= 0.5
+            probs = clf.predict(imgs[valid])
+        d = world.distributions(f, r)
+        gender = probs["gender"].argmax(-1).bincount(minlength=2)
+        race = probs["race"].argmax(-1).bincount(minlength=4)
+        assert valid.sum() >= 12
+        assert gender.argmax() == int(np.argmax(d["gender"])), (prompt, gender.tolist())
+        assert race.argmax() == int(np.argmax(d["race"])), (prompt, race.tolist())
+
+
+@pytest.mark.slow
+def test_quick_build_writes_loadable_weights(tmp_path):
+    """The whole build at seconds scale: every file written, strict loads succeed, the manifest has its figures."""
+    from common.toy.build import BuildConfig, build
+    from common.toy.judges import load_classifier, load_image_encoder
+    from common.toy.models import load_toy_components, read_manifest
+
+    build(tmp_path, BuildConfig.quick())
+    m = read_manifest(tmp_path)
+    assert set(m["base_bias"]) >= {"train", "heldout", "data_train", "data_heldout"}
+    comps = load_toy_components(path=tmp_path)
+    assert 0 < comps.vae_scale < 100
+    load_classifier(path=tmp_path)
+    load_image_encoder(path=tmp_path)
