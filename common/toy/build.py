@@ -499,7 +499,16 @@ def _save(module: torch.nn.Module, path: Path) -> None:
 
 
 def build(out: str | Path = DEFAULT_OUT, cfg: BuildConfig | None = None) -> dict:
-    """Run every stage and write the weights (fp16 safetensors) and manifest.json to `out`; returns the manifest."""
+    """Run every stage and write the weights (fp16 safetensors) and manifest.json to `out`; returns the manifest.
+    Uses `cfg.threads` torch threads and restores the caller's thread count afterwards."""
+    threads = torch.get_num_threads()
+    try:
+        return _build(out, cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(out: str | Path, cfg: BuildConfig | None) -> dict:
     cfg = cfg or BuildConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
