@@ -440,7 +440,7 @@ def train_diffusion(world: ToyWorld, vae, cfg: BuildConfig):
         bar.set_postfix(loss=f"{loss.item():.4f}")
     te.eval().requires_grad_(False)
     unet.eval().requires_grad_(False)
-    data_stats.update(diffusion_seconds=time.time() - t1, diffusion_final_loss=float(loss))
+    data_stats.update(diffusion_seconds=time.time() - t1, diffusion_final_loss=float(loss.detach()))
     return comps, data_stats
 
 
