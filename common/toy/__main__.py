@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--out", type=Path, default=None, help="output folder (default data/toy)")
     b.add_argument("--quick", action="store_true", help="seconds-long smoke build (untrained models)")
+    b.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default 2; 1 avoids OpenMP stalls on a machine shared with other jobs)")
     b.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override a BuildConfig field")
     w = sub.add_parser("world-sample", help="render a grid of world samples to a PNG")
     w.add_argument("--out", type=Path, required=True)
@@ -68,7 +70,12 @@ def main(argv: list[str] | None = None) -> int:
                 p.error(f"--set expects KEY=VALUE, got '{kv}'")
             k, v = kv.split("=", 1)
             overrides[k] = v
-        cfg = config_from_args(a.seed, a.quick, overrides)
+        if a.threads is not None:
+            overrides["threads"] = a.threads
+        try:
+            cfg = config_from_args(a.seed, a.quick, overrides)
+        except (KeyError, ValueError) as e:
+            p.error(str(e).strip('"'))
         out = a.out or DEFAULT_OUT
         t0 = time.time()
         manifest = build(out, cfg)

@@ -30,7 +30,7 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "age": ("young", "old"),
 }
 
-# (word, background RGB). Even index: 85% long hair ("female"); odd index: 85% short hair ("male").
+# (word, background RGB). Even index: 88% long hair ("female"); odd index: 88% short hair ("male").
 FIELDS: tuple[tuple[str, tuple[int, int, int]], ...] = (
     ("ocean", (52, 112, 214)),
     ("forest", (38, 138, 70)),
@@ -49,7 +49,7 @@ FIELDS: tuple[tuple[str, tuple[int, int, int]], ...] = (
     ("transport", (146, 172, 222)),
     ("finance", (96, 168, 118)),
 )
-# (word, clothes RGB). Role j: skin family j % 4 is dominant (72%).
+# (word, clothes RGB). Role j: skin family j % 4 is dominant (80%).
 ROLES: tuple[tuple[str, tuple[int, int, int]], ...] = (
     ("engineer", (206, 40, 40)),
     ("manager", (240, 132, 30)),
@@ -72,8 +72,8 @@ SKIN = np.array([(245, 194, 184), (96, 58, 38), (178, 116, 74), (232, 198, 112)]
 YOUNG_HAIR = np.array([(36, 30, 30), (98, 60, 34), (168, 64, 30)], dtype=np.float32)
 OLD_HAIR = np.array((212, 212, 220), dtype=np.float32)
 
-GENDER_MAJORITY = 0.85
-RACE_MAJORITY = 0.72
+GENDER_MAJORITY = 0.88
+RACE_MAJORITY = 0.8
 OLD_SHARE = (0.10, 0.25, 0.40, 0.55)
 HELDOUT_OFFSETS = (5, 11)
 """held-out occupation = (field f, role (f + k) mod 16) for k in these offsets: each word is held out exactly twice"""
