@@ -344,7 +344,8 @@ class Trainer:
                     orig_images, orig_j = self._val_orig_cache[i]
                     orig_probs = self._gather_probs(orig_j.probs)
                     for a in self.attrs:
-                        for tag, pr in ((name, probs), ("orig", orig_probs)):
+                        pairs = ((name, probs), ("orig", orig_probs)) if name == "main" else ((name, probs),)
+                        for tag, pr in pairs:  # the original model is counted once, not once per variant
                             p = pr[a.name]
                             pred = torch.where(p[:, 0] >= 0, p.argmax(-1), torch.full_like(p[:, 0], -1).long())
                             b = bias(pred.cpu(), a.num_classes)

@@ -112,3 +112,16 @@ def test_alignment_signal_reaches_the_parameters(tmp_path):
     assert all(torch.isfinite(torch.tensor(losses)))
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
     assert last < 0.7 * first, losses
+
+
+def test_validation_reports_the_original_model_once(tmp_path):
+    """Before any step the LoRA's B matrices are zero, so the finetuned, EMA and original models are the same function:
+    their validation biases must be equal (the original used to be summed once per variant, i.e. doubled)."""
+    cfg = load_config(BASE, tiny_overrides(tmp_path, "finetune.rank=4", "train.val_images_per_prompt=4"))
+    tr = Trainer(cfg)
+    out = tr.validate()
+    for a in ("gender", "race"):
+        assert out[f"val_orig_bias_{a}"] == pytest.approx(out[f"val_main_bias_{a}"], abs=1e-12)
+        assert out[f"val_orig_bias_{a}"] == pytest.approx(out[f"val_ema_bias_{a}"], abs=1e-12)
+        per_prompt = [v for k, v in out.items() if k.startswith(f"val_orig_bias_{a}_p")]
+        assert len(per_prompt) == 2 and out[f"val_orig_bias_{a}"] == pytest.approx(sum(per_prompt) / 2, abs=1e-12)
