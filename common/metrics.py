@@ -80,6 +80,19 @@ def bias(pred: torch.Tensor, num_classes: int) -> float:
     return float(pairwise_gap(frequencies(pred, num_classes)))
 
 
+def bias_floor(n: int, target: Sequence[float], draws: int = 20000, seed: int = 0) -> float:
+    """Expected bias of `n` images drawn from a sampler whose class probabilities EQUAL `target`: what a perfectly
+    debiased model still scores at this sample size (50/50 over 2 classes, n = 32: 0.14; uniform over 4, n = 32: 0.10).
+    Monte Carlo over `draws` seeded multinomial draws (standard error ~ 0.5% of the value at the default)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1 image, got {n}")
+    t = np.asarray(list(target), dtype=np.float64)
+    if t.ndim != 1 or len(t) < 2 or (t < 0).any() or abs(t.sum() - 1) > 1e-6:
+        raise ValueError(f"target must be a probability vector over >= 2 classes, got {list(target)}")
+    counts = np.random.default_rng(seed).multinomial(n, t / t.sum(), size=draws)
+    return float(pairwise_gap(torch.from_numpy(counts / n)).mean())
+
+
 def class_frequency(pred: torch.Tensor, num_classes: int, cls: int) -> float:
     """Share of class `cls` among the images with a face (e.g. freq(old) with cls = 1 for age)."""
     if not 0 <= cls < num_classes:

@@ -194,3 +194,28 @@ def test_paired_similarity_is_the_cosine_of_the_encodings():
     want = (fa * fb).sum(1) / np.linalg.norm(fa, axis=1) / np.linalg.norm(fb, axis=1)
     np.testing.assert_allclose(got.numpy(), want, atol=1e-6)
     assert got[0] == pytest.approx(1.0, abs=1e-6) and got[1] == pytest.approx(-1.0, abs=1e-6)
+
+
+def test_bias_floor_matches_exact_sums():
+    """Oracles: for 2 classes the bias of k female of n is |2k/n - 1| with binomial weights; for 4 classes an exact
+    sum over every count vector with its multinomial probability (n = 12). Monte Carlo tolerance 0.004 (> 4 standard
+    errors at 20000 draws)."""
+    from math import comb, factorial
+
+    from common.metrics import bias_floor
+
+    n = 32
+    exact2 = sum(comb(n, k) * 0.5**n * abs(2 * k / n - 1) for k in range(n + 1))
+    assert bias_floor(n, [0.5, 0.5]) == pytest.approx(exact2, abs=0.004)
+    n = 12
+    exact4 = 0.0
+    for a in range(n + 1):
+        for b in range(n + 1 - a):
+            for c in range(n + 1 - a - b):
+                d = n - a - b - c
+                p = factorial(n) / (factorial(a) * factorial(b) * factorial(c) * factorial(d)) * 0.25**n
+                f = [x / n for x in (a, b, c, d)]
+                exact4 += p * sum(abs(f[i] - f[j]) for i in range(4) for j in range(i + 1, 4)) / 6
+    assert bias_floor(n, [0.25] * 4) == pytest.approx(exact4, abs=0.004)
+    with pytest.raises(ValueError, match="probability vector"):
+        bias_floor(8, [0.7, 0.7])
