@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--threads", type=int, default=None,
                    help="torch threads (default 2; 1 avoids OpenMP stalls on a machine shared with other jobs)")
     b.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override a BuildConfig field")
+    b.add_argument("--reuse", type=Path, default=None, metavar="DIR",
+                   help="take the VAE, classifier and image encoder of the build in DIR (same settings) and train only "
+                        "the text encoder + U-Net")
     w = sub.add_parser("world-sample", help="render a grid of world samples to a PNG")
     w.add_argument("--out", type=Path, required=True)
     w.add_argument("--seed", type=int, default=0)
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(str(e).strip('"'))
         out = a.out or DEFAULT_OUT
         t0 = time.time()
-        manifest = build(out, cfg)
+        manifest = build(out, cfg, reuse=a.reuse)
         print(_summary(manifest, Path(out)))
         print(f"({time.time() - t0:.0f} s)")
     else:

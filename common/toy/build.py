@@ -99,7 +99,7 @@ class BuildConfig:
     encoder_steps: int = 300
     encoder_batch: int = 96
     diffusion_images: int = 40000
-    diffusion_steps: int = 1000
+    diffusion_steps: int = 1500
     diffusion_batch: int = 128
     diffusion_lr: float = 1e-3
     caption_dropout: float = 0.1
@@ -513,17 +513,44 @@ def _save(module: torch.nn.Module, path: Path) -> None:
     save_file(sd, str(path))
 
 
-def build(out: str | Path = DEFAULT_OUT, cfg: BuildConfig | None = None) -> dict:
+REUSABLE_SETTINGS = ("seed", "vae_images", "vae_steps", "vae_batch", "vae_lr", "kl_weight", "judge_images",
+                     "classifier_steps", "classifier_batch", "encoder_images", "encoder_steps", "encoder_batch")
+"""the settings the VAE, classifier and image-encoder stages depend on (captions and diffusion settings do not)"""
+
+
+def build(out: str | Path = DEFAULT_OUT, cfg: BuildConfig | None = None, reuse: str | Path | None = None) -> dict:
     """Run every stage and write the weights (fp16 safetensors) and manifest.json to `out`; returns the manifest.
-    Uses `cfg.threads` torch threads and restores the caller's thread count afterwards."""
+    Uses `cfg.threads` torch threads and restores the caller's thread count afterwards.
+
+    `reuse`: a previous build's folder whose VAE, classifier and image encoder are taken instead of retrained (only
+    the text encoder + U-Net are trained; for changes to captions or diffusion settings). Its world version and every
+    setting in `REUSABLE_SETTINGS` must equal this build's; the manifest records the folder and the reused stages'
+    original timings."""
     threads = torch.get_num_threads()
     try:
-        return _build(out, cfg)
+        return _build(out, cfg, reuse)
     finally:
         torch.set_num_threads(threads)
 
 
-def _build(out: str | Path, cfg: BuildConfig | None) -> dict:
+def _reused_stages(reuse: Path, cfg: BuildConfig) -> tuple[torch.nn.Module, ToyClassifier, ToyImageEncoder, dict]:
+    from common.toy.judges import load_classifier, load_image_encoder
+    from common.toy.models import load_toy_components, read_manifest
+
+    old = read_manifest(reuse)
+    if old.get("world_version") != WORLD_VERSION:
+        raise ValueError(f"--reuse {reuse}: built for world version {old.get('world_version')}, this is {WORLD_VERSION}")
+    mine = asdict(cfg)
+    diff = [k for k in REUSABLE_SETTINGS if old["build"].get(k) != mine[k]]
+    if diff:
+        what = ", ".join(f"{k}={old['build'].get(k)!r} (here {mine[k]!r})" for k in diff)
+        raise ValueError(f"--reuse {reuse}: its build differs in {what}; the reused stages would not be this build's")
+    vae = load_toy_components(path=reuse).vae
+    keep = ("vae_seconds", "vae_final_l1", "classifier_seconds", "encoder_seconds")
+    return vae, load_classifier(path=reuse), load_image_encoder(path=reuse), {k: old["timings"][k] for k in keep}
+
+
+def _build(out: str | Path, cfg: BuildConfig | None, reuse: str | Path | None = None) -> dict:
     cfg = cfg or BuildConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -532,15 +559,20 @@ def _build(out: str | Path, cfg: BuildConfig | None) -> dict:
     world = ToyWorld()
     timings: dict[str, float] = {}
     stages = tqdm(total=5, desc="toy build", unit="stage")
-    vae, st = train_vae(world, cfg)
-    timings.update(st)
-    stages.update()
-    clf, st = train_classifier(world, vae, cfg)
-    timings.update(st)
-    stages.update()
-    enc, st = train_encoder(world, vae, cfg)
-    timings.update(st)
-    stages.update()
+    if reuse is not None:
+        vae, clf, enc, st = _reused_stages(Path(reuse), cfg)
+        timings.update(st, reused_from=str(reuse))
+        stages.update(3)
+    else:
+        vae, st = train_vae(world, cfg)
+        timings.update(st)
+        stages.update()
+        clf, st = train_classifier(world, vae, cfg)
+        timings.update(st)
+        stages.update()
+        enc, st = train_encoder(world, vae, cfg)
+        timings.update(st)
+        stages.update()
     comps, st = train_diffusion(world, vae, cfg)
     timings.update(st)
     stages.update()

@@ -80,6 +80,11 @@ def run_demo(out: str | Path = "outputs/demo", config: str | Path = DEFAULT_CONF
     summary["similarity_after"] = sum(sims) / len(sims) if sims else float("nan")
     summary["degraded_rate_after"] = 1 - mean("heldout", "debiased", "face_rate")
     summary["degraded_rate_before"] = 1 - mean("heldout", "original", "face_rate")
+    from common.metrics import bias_floor
+
+    for a in trainer.attrs:  # what a perfectly fair model would still score with `images` per prompt
+        summary[f"{a.name}_bias_floor"] = bias_floor(images, list(a.target))
+    summary["images_per_prompt"] = images
     summary["train_minutes"] = train_minutes
     summary["minutes"] = (time.time() - t0) / 60
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -91,6 +96,8 @@ def run_demo(out: str | Path = "outputs/demo", config: str | Path = DEFAULT_CONF
     (out / "bias_table.md").write_text("\n".join(table) + "\n")
     print("\n".join(["", "=" * 72, "fair-diffusion demo: gender x race debiasing on the toy world (text-encoder LoRA)",
                      "=" * 72, *table, "",
+                     f"a perfectly fair model would score gender {summary['gender_bias_floor']:.3f}, race "
+                     f"{summary['race_bias_floor']:.3f} with {images} images per prompt",
                      f"similarity to the original images (held-out): {summary['similarity_after']:.3f}",
                      f"degraded / rejected images after: {summary['degraded_rate_after']:.1%}"
                      f" (before: {summary['degraded_rate_before']:.1%})",

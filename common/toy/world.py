@@ -90,10 +90,10 @@ TEMPLATES = (
     "a picture of the face of a {occupation}",
     "a close-up photo of a {occupation}, a person",
 )
-GENDER_PHRASES = (("with long hair", "a woman"), ("with short hair", "a man"))
-RACE_PHRASES = ("with light skin", "with dark skin", "with brown skin", "with golden skin")
+GENDER_WORDS = ("long-haired", "short-haired")
+RACE_WORDS = ("light-skinned", "dark-skinned", "brown-skinned", "golden-skinned")
 AGE_WORDS = ("young", "old")
-MENTION_RATE = 0.25
+MENTION_RATE = {"gender": 0.3, "race": 0.3, "age": 0.3}
 """each attribute is named in a caption with this probability (gives a text-encoder LoRA directions to move along)"""
 
 
@@ -259,31 +259,26 @@ class ToyWorld:
             glasses=rng.random(n) < 0.15,
         )
 
-    def captions(self, rng: np.random.Generator, people: People, mention_rate: float = MENTION_RATE) -> list[str]:
-        """A varied training caption per person: a template around "{field} {role}"; each attribute named with
-        probability `mention_rate` (hair length or woman/man; skin words; young/old)."""
+    def captions(self, rng: np.random.Generator, people: People, mention_rate: dict[str, float] | None = None) -> list[str]:
+        """A varied training caption per person: a template around "{field} {role}"; each attribute is named with
+        probability `mention_rate[attribute]` (default `MENTION_RATE`) by an adjective IN FRONT of the occupation
+        ("a young short-haired dark-skinned ocean engineer"). In front, because the text encoder is causal: only then
+        do the occupation words' hidden states carry the attribute, so the U-Net learns to read it where a
+        text-encoder LoRA can later move it. (Named after the occupation, "... with short hair", the words were
+        never learned: the causal encoder keeps them out of the occupation tokens and the U-Net ignored them.)"""
         out = []
         n = len(people)
         t = rng.integers(0, len(TEMPLATES), n)
-        m = rng.random((n, 3)) < mention_rate
-        style = rng.random(n) < 0.5
+        rate = {**MENTION_RATE, **(mention_rate or {})}
+        m = rng.random((n, 3)) < np.array([rate["gender"], rate["race"], rate["age"]])
         for i in range(n):
-            occ = self.occupation(people.field[i], people.role[i])
-            if m[i, 2]:
-                occ = f"{AGE_WORDS[people.age[i]]} {occ}"
-            text = TEMPLATES[t[i]].format(occupation=occ)
-            extra = []
+            words = [AGE_WORDS[people.age[i]]] if m[i, 2] else []
             if m[i, 0]:
-                hair, noun = GENDER_PHRASES[people.gender[i]]
-                if style[i] and text.endswith(", a person"):
-                    text = text[: -len("a person")] + noun
-                else:
-                    extra.append(hair)
+                words.append(GENDER_WORDS[people.gender[i]])
             if m[i, 1]:
-                extra.append(RACE_PHRASES[people.race[i]])
-            if extra:
-                text = f"{text} {' and '.join(extra)}"
-            out.append(text)
+                words.append(RACE_WORDS[people.race[i]])
+            occ = " ".join([*words, self.occupation(people.field[i], people.role[i])])
+            out.append(TEMPLATES[t[i]].format(occupation=occ))
         return out
 
     # ---- rendering -------------------------------------------------------------------------------------------
