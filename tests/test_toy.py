@@ -2,6 +2,7 @@
 shipped models in data/toy/ (classifier vs fresh renders, components, detector, encoder, base-model bias)."""
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +10,8 @@ import torch
 
 from common.toy.degrade import KINDS, degrade
 from common.toy.world import OLD_HAIR, SKIN, YOUNG_HAIR, ToyWorld, to_tensor
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -233,3 +236,12 @@ def test_quick_build_writes_loadable_weights(tmp_path):
     assert 0 < comps.vae_scale < 100
     load_classifier(path=tmp_path)
     load_image_encoder(path=tmp_path)
+
+
+def test_build_reuse_refuses_stages_built_with_other_settings(tmp_path):
+    """`build --reuse DIR` takes DIR's VAE and judges only when they were built with this build's settings."""
+    from common.toy.build import BuildConfig, build
+
+    with pytest.raises(ValueError, match=r"--reuse .*differs in .*vae_steps=2400 \(here 2\)"):
+        build(tmp_path, BuildConfig.quick(), reuse=REPO / "data" / "toy")
+    assert not (tmp_path / "manifest.json").exists()
