@@ -111,6 +111,11 @@ class LossConfig:
     no_face_weight: float | None = None
     """CLIP/DINO weight of an image with no face; None = 1 for one attribute, min factor1 for several (authors)"""
     alignment_method: Literal["auto", "binary", "exact", "monte_carlo"] = "auto"
+    joint_alignment: bool = True
+    """several attributes: one transport problem over the joint space (the paper; targets are the product
+    distribution) or, when false, one per attribute (matches each marginal, not the joint cells). With a near-one-hot
+    classifier the joint plan spreads a confident batch's flips of one attribute over many images, each below
+    `confidence_threshold`, so that attribute gets almost no targets (the toy world's gender under gender x race)"""
     mc_samples: int = 100
     """Monte Carlo samples per process"""
     exact_mass: float | None = None

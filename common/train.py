@@ -213,12 +213,16 @@ class Trainer:
         """Alignment targets and confidences for this process's images: computed on the gathered batch."""
         glob = self._gather_probs(probs)
         group = torch.distributed.group.WORLD if self.world > 1 else None
-        q = expected_targets(
-            {a: p.double() for a, p in glob.items()}, {a.name: a.target for a in self.attrs},
-            method=self.cfg.loss.alignment_method, samples=self.cfg.loss.mc_samples,
-            seed=derive_seed(self.cfg.train.seed, "ot", step) % (2**31), mass=self.cfg.loss.exact_mass,
-            age_asymmetric=self.cfg.loss.age_asymmetric_cost, group=group,
-        )
+        lc = self.cfg.loss
+        problems = [self.attrs] if lc.joint_alignment else [[a] for a in self.attrs]
+        q = {}
+        for k, attrs in enumerate(problems):
+            q.update(expected_targets(
+                {a.name: glob[a.name].double() for a in attrs}, {a.name: a.target for a in attrs},
+                method=lc.alignment_method, samples=lc.mc_samples,
+                seed=derive_seed(self.cfg.train.seed, "ot", step, *([k] if k else [])) % (2**31), mass=lc.exact_mass,
+                age_asymmetric=lc.age_asymmetric_cost, group=group,
+            ))
         mine = slice(self.rank * self.n_local, (self.rank + 1) * self.n_local)
         targets, confidence = {}, {}
         for a, qa in q.items():

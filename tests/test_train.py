@@ -125,3 +125,25 @@ def test_validation_reports_the_original_model_once(tmp_path):
         assert out[f"val_orig_bias_{a}"] == pytest.approx(out[f"val_ema_bias_{a}"], abs=1e-12)
         per_prompt = [v for k, v in out.items() if k.startswith(f"val_orig_bias_{a}_p")]
         assert len(per_prompt) == 2 and out[f"val_orig_bias_{a}"] == pytest.approx(sum(per_prompt) / 2, abs=1e-12)
+
+
+def test_marginal_alignment_solves_one_problem_per_attribute(tmp_path):
+    """loss.joint_alignment=false: each attribute's targets come from its own transport problem, so they equal
+    `expected_targets` + `assign` on that attribute alone (oracle: the alignment module called directly)."""
+    from common.alignment import assign, expected_targets
+
+    cfg = load_config(BASE, tiny_overrides(tmp_path, "finetune.rank=4", "loss.joint_alignment=false",
+                                           "train.images_per_prompt=6", "train.micro_batch=6"))
+    tr = Trainer(cfg)
+    g = torch.Generator().manual_seed(0)
+    probs = {"gender": torch.softmax(3 * torch.randn(6, 2, generator=g), -1),
+             "race": torch.softmax(3 * torch.randn(6, 4, generator=g), -1)}
+    targets, confidence, _ = tr.targets_for(probs, step=3)
+    for a, k in (("gender", 2), ("race", 4)):
+        q = expected_targets({a: probs[a].double()}, {a: [1.0 / k] * k})[a]
+        t, c = assign(q, cfg.loss.confidence_threshold)
+        assert torch.equal(targets[a], t) and torch.allclose(confidence[a], c)
+    # and the joint problem differs on this batch (otherwise the option would be untested)
+    cfg.loss.joint_alignment = True
+    joint, _, _ = tr.targets_for(probs, step=3)
+    assert any(not torch.equal(joint[a], targets[a]) for a in ("gender", "race"))
