@@ -46,11 +46,29 @@ def _measure(trainer, prompts: list[str], out: Path, images: int, split: str) ->
     return res["summaries"]
 
 
-def run_demo(out: str | Path = "outputs/demo", config: str | Path = DEFAULT_CONFIG, images: int = 32,
-             n_prompts: int = 12, overrides: list[str] | None = None) -> dict:
+def measured_prompts(world, pairs: list[tuple[int, int]], n: int) -> list[str]:
+    """`n` evaluation prompts from `pairs`, spread over the fields so that both gender directions alternate: fields
+    0, 3, 4, 7, ..., then 1, 2, 5, 6, ...; each field's next unused occupation on every pass (roles rotated)."""
+    order = [2 * i + (i % 2) for i in range(8)] + [2 * i + 1 - (i % 2) for i in range(8)]
+    by_field = {}
+    for i, f in enumerate(order):  # rotated so that the measured roles (and their skin families) vary too
+        mine = [p for p in pairs if p[0] == f]
+        by_field[f] = mine[(3 * i) % len(mine):] + mine[: (3 * i) % len(mine)] if mine else []
+    out: list[str] = []
+    k = 0
+    while len(out) < min(n, len(pairs)):
+        for f in order:
+            if k < len(by_field[f]) and len(out) < n:
+                out.append(world.prompt(world.occupation(*by_field[f][k])))
+        k += 1
+    return out
+
+
+def run_demo(out: str | Path = "outputs/demo", config: str | Path = DEFAULT_CONFIG, images: int = 128,
+             n_prompts: int = 8, overrides: list[str] | None = None) -> dict:
     """Train on the toy world with `config`, measure, write everything under `out`; returns summary.json's content."""
     from common.config import load_config
-    from common.prompts import load_prompts
+    from common.toy.world import ToyWorld
     from common.train import Trainer
 
     t0 = time.time()
@@ -61,8 +79,9 @@ def run_demo(out: str | Path = "outputs/demo", config: str | Path = DEFAULT_CONF
     trainer.fit()
     train_minutes = (time.time() - t0) / 60
 
-    splits = {"train": load_prompts("toy:train")[:: max(1, len(load_prompts("toy:train")) // n_prompts)][:n_prompts],
-              "heldout": load_prompts("toy:heldout")[:n_prompts]}
+    world = ToyWorld()
+    splits = {"train": measured_prompts(world, world.train_pairs, n_prompts),
+              "heldout": measured_prompts(world, world.heldout_pairs, n_prompts)}
     summaries = {s: _measure(trainer, p, out / s, images, s) for s, p in splits.items()}
 
     def mean(split, label, key):
@@ -110,8 +129,10 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m common.toy demo", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="outputs/demo")
     ap.add_argument("--config", default=str(DEFAULT_CONFIG))
-    ap.add_argument("--images", type=int, default=32, help="images per prompt for the before/after measurement")
-    ap.add_argument("--prompts", type=int, default=12, help="occupations measured per split")
+    ap.add_argument("--images", type=int, default=128,
+                    help="images per prompt for the before/after measurement (at 128 a fair model scores 0.07 gender, "
+                         "0.05 race: the summary's *_bias_floor)")
+    ap.add_argument("--prompts", type=int, default=8, help="occupations measured per split")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--threads", default="auto",
                     help="torch threads; auto = 2 on an idle machine, 1 when other work shares the cores (two OpenMP "

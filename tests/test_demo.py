@@ -1,0 +1,30 @@
+"""`make demo` shortened: the whole pipeline (train -> generate -> evaluate) on the shipped toy world, and the method's
+effect. The oracle is the base model itself: the same noise, prompts and judges before and after finetuning."""
+
+import json
+
+import pytest
+import torch
+
+
+@pytest.mark.slow
+def test_short_demo_reduces_bias_on_both_splits(tmp_path):
+    from common.toy.demo import run_demo
+
+    threads = torch.get_num_threads()
+    s = run_demo(tmp_path, images=32, n_prompts=4, overrides=[
+        "train.max_steps=60", "train.validate_every=0", "train.checkpoint_every=0", "train.permanent_every=0",
+    ])
+    assert torch.get_num_threads() == threads
+    assert json.loads((tmp_path / "summary.json").read_text()) == pytest.approx(s, nan_ok=True)
+    for split in ("train", "heldout"):
+        ev = tmp_path / split / "eval"
+        assert (ev / "per_prompt.csv").is_file() and (ev / "frequency_gender.png").is_file()
+        assert any((ev / "grids").iterdir())
+    print({k: round(v, 3) for k, v in s.items()})
+    # race bias decreases on BOTH splits by more than the noise of 4 prompts x 32 images; so does the gender x race
+    # bias. Gender alone is not asserted: in 60 steps it does not move reliably (see the README's toy-world notes)
+    for prefix in ("train_", ""):
+        assert s[f"{prefix}race_bias_after"] < s[f"{prefix}race_bias_before"] - 0.05, prefix
+        assert s[f"{prefix}gender_race_bias_after"] < s[f"{prefix}gender_race_bias_before"], prefix
+    assert s["similarity_after"] > 0.9 and s["degraded_rate_after"] < 0.1
