@@ -64,6 +64,10 @@ class Components:
         return self
 
 
+CLIP_TOKENS = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+"""CLIPTextConfig fields fixed by the real CLIP tokenizer (`clip_tokenizer`): every small text encoder built here uses them"""
+
+
 def make_scheduler(**overrides):
     """DPM-Solver++ (multistep, 2nd order) configured as the authors' diffusers 0.19.3 version behaved.
 
@@ -173,18 +177,8 @@ def tiny_components(seed: int = 0, image_size: int = 64, text_dim: int = 32, dty
 
     torch.manual_seed(seed)
     te = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=text_dim,
-            intermediate_size=2 * text_dim,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-            projection_dim=text_dim,
-        )
+        CLIPTextConfig(**CLIP_TOKENS, hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=2,
+                       num_attention_heads=4, projection_dim=text_dim)
     )
     unet = UNet2DConditionModel(
         sample_size=image_size // 8,

@@ -81,7 +81,12 @@ def main(argv: list[str] | None = None) -> int:
             p.error(str(e).strip('"'))
         out = a.out or DEFAULT_OUT
         t0 = time.time()
-        manifest = build(out, cfg, reuse=a.reuse)
+        if a.reuse is not None and not (a.reuse / "manifest.json").is_file():
+            p.error(f"--reuse {a.reuse}: no manifest.json there (expected the folder of a previous toy build)")
+        try:
+            manifest = build(out, cfg, reuse=a.reuse)
+        except ValueError as e:  # --reuse of a build with other settings or world version
+            p.error(str(e))
         print(_summary(manifest, Path(out)))
         print(f"({time.time() - t0:.0f} s)")
     else:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from common.models import CLIP_TOKENS
 from common.toy.degrade import KINDS, degrade, mild, random_degrade
 from common.toy.nets import VALID_LOGIT, ToyClassifier, ToyImageEncoder
 from common.toy.world import ATTRIBUTES, WORLD_VERSION, ToyWorld, to_tensor
@@ -55,18 +56,8 @@ VAE_CONFIG = dict(
     sample_size=32,
     scaling_factor=1.0,
 )
-TEXT_CONFIG = dict(
-    vocab_size=49408,
-    hidden_size=64,
-    intermediate_size=256,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    max_position_embeddings=77,
-    bos_token_id=49406,
-    eos_token_id=49407,
-    pad_token_id=49407,
-    projection_dim=64,
-)
+TEXT_CONFIG = dict(**CLIP_TOKENS, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                   projection_dim=64)
 UNET_CONFIG = dict(
     sample_size=8,
     in_channels=4,

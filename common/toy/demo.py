@@ -49,7 +49,8 @@ def _measure(trainer, prompts: list[str], out: Path, images: int, split: str) ->
 def measured_prompts(world, pairs: list[tuple[int, int]], n: int) -> list[str]:
     """`n` evaluation prompts from `pairs`, spread over the fields so that both gender directions alternate: fields
     0, 3, 4, 7, ..., then 1, 2, 5, 6, ...; each field's next unused occupation on every pass (roles rotated)."""
-    order = [2 * i + (i % 2) for i in range(8)] + [2 * i + 1 - (i % 2) for i in range(8)]
+    half = len(world.fields) // 2
+    order = [2 * i + (i % 2) for i in range(half)] + [2 * i + 1 - (i % 2) for i in range(half)]
     by_field = {}
     for i, f in enumerate(order):  # rotated so that the measured roles (and their skin families) vary too
         mine = [p for p in pairs if p[0] == f]
