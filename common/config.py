@@ -149,6 +149,9 @@ class SamplingConfig:
 class TrainConfig:
     images_per_prompt: int = 24
     """GLOBAL images per prompt per step (the alignment batch), split evenly over processes"""
+    prompts_per_step: int = 1
+    """prompts per optimizer step, one after the other with their gradients accumulated: the paper's 1; more average
+    the per-prompt edits (e.g. biases pointing opposite ways in different prompts) into one update"""
     micro_batch: int = 4
     lr: float = 5e-5
     weight_decay: float = 0.01
@@ -162,7 +165,7 @@ class TrainConfig:
     seed: int = 5991
 
     def __post_init__(self):
-        for k in ("images_per_prompt", "micro_batch", "max_steps"):
+        for k in ("images_per_prompt", "prompts_per_step", "micro_batch", "max_steps"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
 

@@ -3,7 +3,8 @@
     python -m common.train --config exp-1-debias-gender/configs/debias-text-encoder.yaml [--set key=value ...]
     accelerate launch --config_file exp-1-debias-gender/configs/accelerate-multi-gpu.yaml -m common.train --config ...
 
-One step (shared/ARCHITECTURE.md): one prompt for every process, fresh noise per process, denoising steps drawn once;
+One step (shared/ARCHITECTURE.md): one prompt for every process (or `train.prompts_per_step` prompts one after the
+other, their gradients accumulated), fresh noise per process, denoising steps drawn once;
 no-grad rollouts of the finetuned and the original model; detect + classify; alignment targets on the gathered batch;
 the loss on the finetuned images; adjusted-DFT gradients; one all-reduce; a step skipped everywhere if any gradient is
 non-finite; AdamW and EMA. The loop orchestrates only: the mathematics lives in alignment, sampling and losses.
@@ -209,18 +210,21 @@ class Trainer:
     def _gather_probs(self, probs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {a: self.acc.gather(p.contiguous()) for a, p in probs.items()} if self.world > 1 else probs
 
-    def targets_for(self, probs: dict[str, torch.Tensor], step: int):
-        """Alignment targets and confidences for this process's images: computed on the gathered batch."""
+    def targets_for(self, probs: dict[str, torch.Tensor], step: int, prompt_index: int = 0):
+        """Alignment targets and confidences for this process's images: computed on the gathered batch (of the step's
+        `prompt_index`-th prompt)."""
         glob = self._gather_probs(probs)
         group = torch.distributed.group.WORLD if self.world > 1 else None
         lc = self.cfg.loss
         problems = [self.attrs] if lc.joint_alignment else [[a] for a in self.attrs]
         q = {}
         for k, attrs in enumerate(problems):
+            parts = [*([k] if k else []), *([f"p{prompt_index}"] if prompt_index else [])]
+            ot_seed = derive_seed(self.cfg.train.seed, "ot", step, *parts)
             q.update(expected_targets(
                 {a.name: glob[a.name].double() for a in attrs}, {a.name: a.target for a in attrs},
                 method=lc.alignment_method, samples=lc.mc_samples,
-                seed=derive_seed(self.cfg.train.seed, "ot", step, *([k] if k else [])) % (2**31), mass=lc.exact_mass,
+                seed=ot_seed % (2**31), mass=lc.exact_mass,
                 age_asymmetric=lc.age_asymmetric_cost, group=group,
             ))
         mine = slice(self.rank * self.n_local, (self.rank + 1) * self.n_local)
@@ -232,17 +236,61 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ one step
     def step(self) -> dict[str, float]:
+        """One optimizer step over `train.prompts_per_step` prompts: each prompt gets `images_per_prompt` images and its
+        own alignment problem (the target distribution is per prompt); the gradient is the mean over all images."""
         cfg, step = self.cfg, self.step_count
-        prompt = prompt_for_step(self.train_prompts, cfg.train.seed, step)
+        n_prompts = cfg.train.prompts_per_step
         lo, hi = cfg.sampling.train_steps
         steps = random.Random(derive_seed(cfg.train.seed, "steps", step)).randint(lo, hi)  # same on every rank
-        noise = self.noise("train", self.n_local, step)
+        self.opt.zero_grad(set_to_none=False)
+        for p in self.params.values():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        total, term_logs, stats = 0.0, {}, []
+        for j in range(n_prompts):
+            prompt = prompt_for_step(self.train_prompts, cfg.train.seed, step * n_prompts + j)
+            loss, logs, glob, targets = self._accumulate(prompt, j, steps, denominator=self.n_local * n_prompts)
+            total += loss
+            for k, v in logs.items():
+                term_logs[k] = term_logs.get(k, 0.0) + v
+            stats.append((glob, targets))
+        inject = os.environ.get(NAN_HOOK)
+        if inject and inject == f"{self.rank}:{step}":
+            next(iter(self.params.values())).grad.view(-1)[0] = float("nan")
+        finite = self._all_reduce_grads()
+        if finite:
+            self.opt.step()
+            self.ema.step()
+        self.step_count += 1
+
+        # logging (batch statistics on the gathered probabilities of the finetuned images, averaged over the prompts)
+        from common.metrics import bias
+
+        out = {"loss": total, "skipped": float(not finite), "steps": float(steps), "faces": 0.0}
+        for glob, targets in stats:
+            out["faces"] += float((glob[self.attrs[0].name][:, 0] >= 0).float().mean()) / n_prompts
+            for a in self.attrs:
+                p = glob[a.name]
+                pred = torch.where(p[:, 0] >= 0, p.argmax(-1), torch.full_like(p[:, 0], -1).long())
+                for key, v in ((f"bias_{a.name}", bias(pred.cpu(), a.num_classes)),
+                               (f"targets_{a.name}", float((targets[a.name] >= 0).float().mean()))):
+                    out[key] = out.get(key, 0.0) + v / n_prompts
+        out.update({k: v / (self.n_local * n_prompts) for k, v in term_logs.items()})
+        out["lora_norm"] = float(torch.stack([p.detach().norm() for p in self.params.values()]).mean())
+        return out
+
+    def _accumulate(self, prompt: str, j: int, steps: int, denominator: int):
+        """Roll out, judge and align this process's images of `prompt` (the step's j-th prompt), then ADD the
+        adjusted-DFT gradient of their loss (summed over images, divided by `denominator`) to the parameters' grads.
+        Returns (loss, summed term logs, gathered probabilities, this process's targets)."""
+        cfg, step = self.cfg, self.step_count
+        noise = self.noise("train" if j == 0 else f"train/{j}", self.n_local, step)
         prompts = [prompt] * self.n_local
         mode = cfg.sampling.dft
         ft, orig = self._rollouts(prompts, noise, steps, trajectory=(mode == "fast"))
         gen_j = judge(ft.images, self.detector, self.classifier, self.heads)
         orig_j = judge(orig.images, self.detector, self.classifier, self.heads)
-        targets, _, glob = self.targets_for(gen_j.probs, step)
+        targets, _, glob = self.targets_for(gen_j.probs, step, j)
         with torch.no_grad():
             orig_feats = [enc(orig.images) for enc in self.encoders]
             orig_face = None
@@ -251,12 +299,8 @@ class Trainer:
         loss_fn = FairnessLoss(
             classifier=self.classifier, heads=self.heads, gen=gen_j, orig=orig_j, targets=targets,
             weights=self.weights, encoders=self.encoders, orig_features=orig_feats, face_encoder=self.face_encoder,
-            orig_face_features=orig_face, face_bank=self.face_bank, denominator=self.n_local,
+            orig_face_features=orig_face, face_bank=self.face_bank, denominator=denominator,
         )
-        self.opt.zero_grad(set_to_none=False)
-        for p in self.params.values():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
         total, term_logs = 0.0, {}
         for start in range(0, self.n_local, cfg.train.micro_batch):
             idx = torch.arange(start, min(start + cfg.train.micro_batch, self.n_local))
@@ -275,28 +319,7 @@ class Trainer:
             total += float(loss)
             for k, v in logs_mb.items():
                 term_logs[k] = term_logs.get(k, 0.0) + v
-        inject = os.environ.get(NAN_HOOK)
-        if inject and inject == f"{self.rank}:{step}":
-            next(iter(self.params.values())).grad.view(-1)[0] = float("nan")
-        finite = self._all_reduce_grads()
-        if finite:
-            self.opt.step()
-            self.ema.step()
-        self.step_count += 1
-
-        # logging (batch statistics on the gathered probabilities of the finetuned images)
-        from common.metrics import bias
-
-        out = {"loss": total, "skipped": float(not finite), "steps": float(steps),
-               "faces": float((glob[self.attrs[0].name][:, 0] >= 0).float().mean())}
-        for a in self.attrs:
-            p = glob[a.name]
-            pred = torch.where(p[:, 0] >= 0, p.argmax(-1), torch.full_like(p[:, 0], -1).long())
-            out[f"bias_{a.name}"] = bias(pred.cpu(), a.num_classes)
-            out[f"targets_{a.name}"] = float((targets[a.name] >= 0).float().mean())
-        out.update({k: v / self.n_local for k, v in term_logs.items()})
-        out["lora_norm"] = float(torch.stack([p.detach().norm() for p in self.params.values()]).mean())
-        return out
+        return total, term_logs, glob, targets
 
     def _all_reduce_grads(self) -> bool:
         """Average the gradients over processes as ONE flat buffer; True when every entry is finite on every rank

@@ -147,3 +147,45 @@ def test_marginal_alignment_solves_one_problem_per_attribute(tmp_path):
     cfg.loss.joint_alignment = True
     joint, _, _ = tr.targets_for(probs, step=3)
     assert any(not torch.equal(joint[a], targets[a]) for a in ("gender", "race"))
+
+
+def test_prompts_per_step_averages_the_single_prompt_gradients(tmp_path):
+    """train.prompts_per_step=2: the step's gradient is the mean of what two one-prompt steps compute, each on its own
+    prompt and noise (oracle: two P=1 trainers from the same initialisation, the second fed the second prompt's noise).
+    Gender only, so the binary alignment is exact and no Monte Carlo seed enters. Tolerance 1e-6 relative: the same
+    float32 operations, only summed in another order."""
+    (tmp_path / "p.txt").write_text("a photo of the face of a nurse, a person\na photo of the face of a pilot, a person\n")
+    cfg_file = ROOT / "exp-1-debias-gender/configs/debias-text-encoder.yaml"
+    sets = [f"prompts.train=[{tmp_path / 'p.txt'}:train]", f"prompts.val=[{tmp_path / 'p.txt'}:val]",
+            "finetune.rank=4", "train.images_per_prompt=4", "train.micro_batch=4", "train.checkpoint_every=0"]
+
+    def grads_of_first_step(tr):
+        seen = {}
+
+        def record(*a, **k):
+            seen.update({n: p.grad.detach().clone() for n, p in tr.params.items()})
+
+        tr.opt.step = record
+        tr.step()
+        return seen
+
+    both = Trainer(load_config(cfg_file, tiny_overrides(tmp_path / "both", *sets, "train.prompts_per_step=2")))
+    prompts = [p for p in both.train_prompts]
+    from common.train import prompt_for_step
+
+    order = [prompt_for_step(prompts, both.cfg.train.seed, k) for k in (0, 1)]
+    g_both = grads_of_first_step(both)
+    singles = []
+    for j, prompt in enumerate(order):
+        tr = Trainer(load_config(cfg_file, tiny_overrides(tmp_path / f"one{j}", *sets)))
+        tr.train_prompts = [prompt]
+        own_noise = tr.noise
+        tr.noise = lambda tag, n, offset=0, j=j, own=own_noise: own("train" if j == 0 else f"train/{j}", n, offset)
+        singles.append(grads_of_first_step(tr))
+    assert order[0] != order[1]
+    moved = 0
+    for name, g in g_both.items():
+        expect = (singles[0][name] + singles[1][name]) / 2
+        assert torch.allclose(g, expect, rtol=1e-6, atol=1e-9 * float(expect.abs().max()) + 1e-12), name
+        moved += int(not torch.allclose(singles[0][name], singles[1][name], rtol=1e-3, atol=0))
+    assert moved > 0  # the two prompts' gradients differ, so the mean is not trivially either one
