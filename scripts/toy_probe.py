@@ -1,0 +1,153 @@
+"""Measure what limits debiasing on the toy world: train with a config (and overrides) on a chosen set of training
+occupations, and every `--every` steps measure, on `--prompts` training and held-out occupations at `--images` images
+each, the gender and race bias, the valid-face rate and the similarity to the original model's image from the same
+noise. Lighter than `make demo` (in memory, no files per image), so several settings can be compared in one sitting.
+
+    python -m scripts.toy_probe --out outputs/probe/w8 --steps 400 --every 100 --set loss.w_img=8
+    python -m scripts.toy_probe --out outputs/probe/few --train-set per-word:1      # 16 training occupations
+    python -m scripts.toy_probe --out outputs/probe/long --train-set direction:long  # fields of one gender direction
+
+Writes OUT/probe.csv (step, weights, split, gender_bias, race_bias, valid_rate, similarity, minutes) and prints each row.
+The training run itself (checkpoints off, metrics.csv) is in OUT/run/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from pathlib import Path
+
+import torch
+
+from common.toy.demo import DEFAULT_CONFIG, measured_prompts
+
+FIELDS = ("step", "weights", "split", "gender_bias", "race_bias", "valid_rate", "similarity", "minutes")
+
+
+def training_pairs(world, spec: str) -> list[tuple[int, int]]:
+    """The (field, role) pairs to train on: `all` (every training occupation), `per-word:N` (the world's balanced
+    subset, every field and role word N times) or `direction:long|short` (the fields whose majority has that hair)."""
+    if spec == "all":
+        return list(world.train_pairs)
+    kind, _, arg = spec.partition(":")
+    if kind == "per-word" and arg.isdigit() and int(arg) >= 1:
+        return [world.parse(o) for o in world.train_subset(int(arg))]
+    if kind == "direction" and arg in ("long", "short"):
+        parity = 0 if arg == "long" else 1  # even fields: long-hair ("female") majority
+        return [p for p in world.train_pairs if p[0] % 2 == parity]
+    raise ValueError(f"--train-set '{spec}': expected all, per-word:N (N >= 1) or direction:long|short")
+
+
+class Probe:
+    """Fixed noise per measured prompt; the original model's images are sampled once and kept as the reference."""
+
+    def __init__(self, trainer, prompts: dict[str, list[str]], images: int):
+        from common.generate import noise_for
+
+        self.tr, self.prompts = trainer, prompts
+        shape = trainer.comps.latent_shape(trainer.cfg.sampling.image_size)
+        self.noise = {p: noise_for(p, range(images), shape) for ps in prompts.values() for p in ps}
+        self.reference: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def _images(self, prompt: str) -> torch.Tensor:
+        from common.sampling import sample
+
+        cfg = self.tr.cfg
+        n = self.noise[prompt]
+        return sample(self.tr.comps, [prompt] * n.shape[0], n, cfg.sampling.test_steps, guidance=cfg.sampling.guidance,
+                      conditioning=self.tr.conditioning).images
+
+    @torch.no_grad()
+    def measure(self) -> dict[str, dict[str, float]]:
+        from common import adapters as ad
+        from common.losses import judge
+        from common.metrics import bias, paired_similarity
+
+        tr = self.tr
+        out = {}
+        for split, prompts in self.prompts.items():
+            rows = []
+            for p in prompts:
+                if p not in self.reference:
+                    with ad.adapters_disabled(tr.comps):
+                        self.reference[p] = self._images(p)
+                imgs = self._images(p)
+                j = judge(imgs, tr.detector, tr.classifier, tr.heads)
+                found = j.probs[tr.attrs[0].name][:, 0] >= 0
+                row = {"valid_rate": float(found.float().mean())}
+                for a in tr.attrs:
+                    pred = torch.where(found, j.probs[a.name].argmax(-1), torch.full_like(found, -1, dtype=torch.long))
+                    row[f"{a.name}_bias"] = bias(pred.cpu(), a.num_classes)
+                sims = [paired_similarity(imgs, self.reference[p], enc) for enc in tr.encoders]
+                row["similarity"] = float(torch.stack(sims).mean()) if sims else float("nan")
+                rows.append(row)
+            out[split] = {k: sum(r.get(k, float("nan")) for r in rows) / len(rows) for k in rows[0]}
+        return out
+
+
+def run_probe(out: str | Path, config: str | Path = DEFAULT_CONFIG, steps: int = 150, every: int = 50,
+              train_set: str = "all", images: int = 32, n_prompts: int = 8, overrides: list[str] | None = None) -> list[dict]:
+    """Train and measure as the module says; returns the rows written to OUT/probe.csv."""
+    from common.config import load_config
+    from common.toy.world import ToyWorld
+    from common.train import Trainer
+
+    if every < 1 or steps < every:
+        raise ValueError(f"--every must be in [1, --steps]; got every={every}, steps={steps}")
+    out = Path(out)
+    world = ToyWorld()
+    pairs = training_pairs(world, train_set)
+    cfg = load_config(config, [f"paths.output_dir={out / 'run'}", "train.validate_every=0", "train.checkpoint_every=0",
+                               "train.permanent_every=0", f"train.max_steps={steps}", *(overrides or [])])
+    tr = Trainer(cfg)
+    tr.train_prompts = [world.prompt(world.occupation(*p)) for p in pairs]
+    probe = Probe(tr, {"train": measured_prompts(world, pairs, n_prompts),
+                       "heldout": measured_prompts(world, world.heldout_pairs, n_prompts)}, images)
+    t0, rows = time.time(), []
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "probe.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, FIELDS)
+        w.writeheader()
+
+        def record(weights: str):
+            for split, m in probe.measure().items():
+                row = {"step": tr.step_count, "weights": weights, "split": split, **{k: round(v, 4) for k, v in m.items()},
+                       "minutes": round((time.time() - t0) / 60, 2)}
+                rows.append(row)
+                w.writerow(row)
+                fh.flush()
+                print(" ".join(f"{k}={row[k]}" for k in FIELDS), flush=True)
+
+        record("main")
+        for k in range(every, steps + 1, every):
+            cfg.train.max_steps = k
+            tr.fit()
+            record("main")
+        with tr.ema.swapped():
+            record("ema")
+    return rows
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(prog="python -m scripts.toy_probe", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--config", default=str(DEFAULT_CONFIG))
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--every", type=int, default=50)
+    ap.add_argument("--train-set", default="all", help="all | per-word:N | direction:long|short")
+    ap.add_argument("--images", type=int, default=32, help="images per measured prompt")
+    ap.add_argument("--prompts", type=int, default=8, help="measured occupations per split")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    try:
+        return run_probe(a.out, a.config, a.steps, a.every, a.train_set, a.images, a.prompts, a.overrides)
+    except ValueError as e:
+        ap.error(str(e))
+
+
+if __name__ == "__main__":
+    main()
