@@ -154,6 +154,8 @@ class TrainConfig:
     the per-prompt edits (e.g. biases pointing opposite ways in different prompts) into one update"""
     micro_batch: int = 4
     lr: float = 5e-5
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """the paper's constant; cosine / linear decay from `lr` to 0 at `max_steps` (a quieter end point for noisy runs)"""
     weight_decay: float = 0.01
     max_steps: int = 10000
     ema_decay: float = 0.996

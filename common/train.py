@@ -19,6 +19,7 @@ import argparse
 import csv
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -45,6 +46,17 @@ def derive_seed(*parts) -> int:
     """A stable 63-bit seed from any parts (sha256; never Python's randomised hash())."""
     h = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def lr_at(cfg_train, step: int) -> float:
+    """Learning rate of optimizer step `step` (0-based): a pure function of the step, so a resumed run needs no
+    scheduler state. cosine: lr (1 + cos(pi step / max_steps)) / 2; linear: lr (1 - step / max_steps)."""
+    lr, t = cfg_train.lr, min(step / cfg_train.max_steps, 1.0)
+    if cfg_train.lr_schedule == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * t))
+    if cfg_train.lr_schedule == "linear":
+        return lr * (1.0 - t)
+    return lr
 
 
 def prompt_for_step(prompts: list[str], seed: int, step: int) -> str:
@@ -258,6 +270,8 @@ class Trainer:
         if inject and inject == f"{self.rank}:{step}":
             next(iter(self.params.values())).grad.view(-1)[0] = float("nan")
         finite = self._all_reduce_grads()
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(cfg.train, step)
         if finite:
             self.opt.step()
             self.ema.step()
@@ -266,7 +280,8 @@ class Trainer:
         # logging (batch statistics on the gathered probabilities of the finetuned images, averaged over the prompts)
         from common.metrics import bias
 
-        out = {"loss": total, "skipped": float(not finite), "steps": float(steps), "faces": 0.0}
+        out = {"loss": total, "skipped": float(not finite), "steps": float(steps), "faces": 0.0,
+               "lr": lr_at(cfg.train, step)}
         for glob, targets in stats:
             out["faces"] += float((glob[self.attrs[0].name][:, 0] >= 0).float().mean()) / n_prompts
             for a in self.attrs:

@@ -121,10 +121,18 @@ def run_probe(out: str | Path, config: str | Path = DEFAULT_CONFIG, steps: int =
                 print(" ".join(f"{k}={row[k]}" for k in FIELDS), flush=True)
 
         record("main")
-        for k in range(every, steps + 1, every):
-            cfg.train.max_steps = k
-            tr.fit()
-            record("main")
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="train", dynamic_ncols=True)
+        while tr.step_count < steps:  # step by step: max_steps stays the run's length (the lr schedule's horizon)
+            logs = tr.step()
+            tr.logger.log(logs, tr.step_count)
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.2f}" for k, v in logs.items() if k.startswith(("loss", "bias_"))})
+            if tr.step_count % every == 0 or tr.step_count == steps:
+                record("main")
+        bar.close()
+        tr.logger.close()
         with tr.ema.swapped():
             record("ema")
     return rows

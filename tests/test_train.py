@@ -189,3 +189,34 @@ def test_prompts_per_step_averages_the_single_prompt_gradients(tmp_path):
         assert torch.allclose(g, expect, rtol=1e-6, atol=1e-9 * float(expect.abs().max()) + 1e-12), name
         moved += int(not torch.allclose(singles[0][name], singles[1][name], rtol=1e-3, atol=0))
     assert moved > 0  # the two prompts' gradients differ, so the mean is not trivially either one
+
+
+def test_lr_schedules_by_hand():
+    """lr_at against hand values: cosine is lr at step 0, lr/2 half-way, lr (2 + sqrt 2)/4 a quarter in and 0 at the
+    end; linear is lr (1 - t); constant is lr throughout (the paper)."""
+    from types import SimpleNamespace
+
+    from common.train import lr_at
+
+    def at(schedule, step):
+        return lr_at(SimpleNamespace(lr=2e-3, max_steps=400, lr_schedule=schedule), step)
+
+    assert [at("constant", s) for s in (0, 200, 400)] == [2e-3] * 3
+    assert at("cosine", 0) == pytest.approx(2e-3, abs=1e-15)
+    assert at("cosine", 100) == pytest.approx(2e-3 * (2 + 2**0.5) / 4, rel=1e-12)
+    assert at("cosine", 200) == pytest.approx(1e-3, rel=1e-12)
+    assert at("cosine", 400) == pytest.approx(0.0, abs=1e-15)
+    assert at("linear", 100) == pytest.approx(1.5e-3, rel=1e-12) and at("linear", 400) == 0.0
+
+
+def test_trainer_applies_the_lr_schedule(tmp_path):
+    """The optimizer steps with lr_at(step): the logged lr and the param group's lr after step k follow the schedule."""
+    from common.train import lr_at
+
+    cfg = load_config(BASE, tiny_overrides(tmp_path, "finetune.rank=4", "train.lr_schedule=linear", "train.max_steps=4",
+                                           "train.lr=0.01", "train.checkpoint_every=0"))
+    tr = Trainer(cfg)
+    for k in range(3):
+        logs = tr.step()
+        assert logs["lr"] == pytest.approx(0.01 * (1 - k / 4), rel=1e-12)
+        assert tr.opt.param_groups[0]["lr"] == pytest.approx(lr_at(cfg.train, k), rel=1e-12)
