@@ -278,7 +278,7 @@ class Trainer:
         self.step_count += 1
 
         # logging (batch statistics on the gathered probabilities of the finetuned images, averaged over the prompts)
-        from common.metrics import bias
+        from common.metrics import bias, predictions
 
         out = {"loss": total, "skipped": float(not finite), "steps": float(steps), "faces": 0.0,
                "lr": lr_at(cfg.train, step)}
@@ -286,7 +286,7 @@ class Trainer:
             out["faces"] += float((glob[self.attrs[0].name][:, 0] >= 0).float().mean()) / n_prompts
             for a in self.attrs:
                 p = glob[a.name]
-                pred = torch.where(p[:, 0] >= 0, p.argmax(-1), torch.full_like(p[:, 0], -1).long())
+                pred = predictions(p, p[:, 0] >= 0)
                 for key, v in ((f"bias_{a.name}", bias(pred.cpu(), a.num_classes)),
                                (f"targets_{a.name}", float((targets[a.name] >= 0).float().mean()))):
                     out[key] = out.get(key, 0.0) + v / n_prompts
@@ -459,7 +459,9 @@ class Trainer:
         self.acc.print(f"[train] resumed from {path} at step {self.step_count}")
 
     # ------------------------------------------------------------------------------------------------ the loop
-    def fit(self) -> None:
+    def fit(self, on_step=None) -> None:
+        """Train to `train.max_steps` with logging, validation and checkpoints; `on_step(step)` (optional) is called
+        after each step's bookkeeping (e.g. a measurement every K steps)."""
         cfg = self.cfg
         tr = cfg.train
         bar = tqdm(total=tr.max_steps, initial=self.step_count, desc="train", disable=not self.acc.is_main_process,
@@ -480,6 +482,8 @@ class Trainer:
                 self.save(permanent=True)  # the last step is always kept
             elif tr.checkpoint_every and s % tr.checkpoint_every == 0:
                 self.save(permanent=False)
+            if on_step is not None:
+                on_step(s)
         bar.close()
         self.logger.close()
 

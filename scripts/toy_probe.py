@@ -7,8 +7,8 @@ noise. Lighter than `make demo` (in memory, no files per image), so several sett
     python -m scripts.toy_probe --out outputs/probe/few --train-set per-word:1      # 16 training occupations
     python -m scripts.toy_probe --out outputs/probe/long --train-set direction:long  # fields of one gender direction
 
-Writes OUT/probe.csv (step, weights, split, gender_bias, race_bias, valid_rate, similarity, minutes) and prints each row.
-The training run itself (checkpoints off, metrics.csv) is in OUT/run/.
+Writes OUT/probe.csv (step, weights, split, one {attribute}_bias per trained attribute, valid_rate, similarity,
+minutes) and prints each row. The training run itself (metrics.csv and the last step's checkpoint) is in OUT/run/.
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ import csv
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from common.toy.demo import DEFAULT_CONFIG, measured_prompts
-
-FIELDS = ("step", "weights", "split", "gender_bias", "race_bias", "valid_rate", "similarity", "minutes")
 
 
 def training_pairs(world, spec: str) -> list[tuple[int, int]]:
@@ -34,8 +33,8 @@ def training_pairs(world, spec: str) -> list[tuple[int, int]]:
     if kind == "per-word" and arg.isdigit() and int(arg) >= 1:
         return [world.parse(o) for o in world.train_subset(int(arg))]
     if kind == "direction" and arg in ("long", "short"):
-        parity = 0 if arg == "long" else 1  # even fields: long-hair ("female") majority
-        return [p for p in world.train_pairs if p[0] % 2 == parity]
+        majority = 0 if arg == "long" else 1  # gender class 0 ("female") = long hair
+        return [p for p in world.train_pairs if int(np.argmax(world.distributions(*p)["gender"])) == majority]
     raise ValueError(f"--train-set '{spec}': expected all, per-word:N (N >= 1) or direction:long|short")
 
 
@@ -75,11 +74,8 @@ class Probe:
                         self.reference[p] = self._images(p)
                 imgs = self._images(p)
                 j = judge(imgs, tr.detector, tr.classifier, tr.heads)
-                found = j.probs[tr.attrs[0].name][:, 0] >= 0
-                row = {"valid_rate": float(found.float().mean())}
-                for a in tr.attrs:
-                    pred = torch.where(found, j.probs[a.name].argmax(-1), torch.full_like(found, -1, dtype=torch.long))
-                    row[f"{a.name}_bias"] = bias(pred.cpu(), a.num_classes)
+                row = {f"{a.name}_bias": bias(j.pred[a.name].cpu(), a.num_classes) for a in tr.attrs}
+                row["valid_rate"] = float(j.faces.found.float().mean())
                 sims = [paired_similarity(imgs, self.reference[p], enc) for enc in tr.encoders]
                 row["similarity"] = float(torch.stack(sims).mean()) if sims else float("nan")
                 rows.append(row)
@@ -105,10 +101,11 @@ def run_probe(out: str | Path, config: str | Path = DEFAULT_CONFIG, steps: int =
     tr.train_prompts = [world.prompt(world.occupation(*p)) for p in pairs]
     probe = Probe(tr, {"train": measured_prompts(world, pairs, n_prompts),
                        "heldout": measured_prompts(world, world.heldout_pairs, n_prompts)}, images)
+    columns = ["step", "weights", "split", *(f"{a.name}_bias" for a in tr.attrs), "valid_rate", "similarity", "minutes"]
     t0, rows = time.time(), []
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "probe.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, FIELDS)
+        w = csv.DictWriter(fh, columns)
         w.writeheader()
 
         def record(weights: str):
@@ -118,21 +115,11 @@ def run_probe(out: str | Path, config: str | Path = DEFAULT_CONFIG, steps: int =
                 rows.append(row)
                 w.writerow(row)
                 fh.flush()
-                print(" ".join(f"{k}={row[k]}" for k in FIELDS), flush=True)
+                print(" ".join(f"{k}={row[k]}" for k in columns), flush=True)
 
         record("main")
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc="train", dynamic_ncols=True)
-        while tr.step_count < steps:  # step by step: max_steps stays the run's length (the lr schedule's horizon)
-            logs = tr.step()
-            tr.logger.log(logs, tr.step_count)
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.2f}" for k, v in logs.items() if k.startswith(("loss", "bias_"))})
-            if tr.step_count % every == 0 or tr.step_count == steps:
-                record("main")
-        bar.close()
-        tr.logger.close()
+        # the trainer's own loop; max_steps stays the run's length (the lr schedule's horizon)
+        tr.fit(on_step=lambda s: record("main") if s % every == 0 or s == steps else None)
         with tr.ema.swapped():
             record("ema")
     return rows
