@@ -116,6 +116,21 @@ def test_captions_name_attributes_at_the_designed_rate(world):
         assert (named.sum(1) <= 1).all() and (named[mentioned].argmax(1) == truth[mentioned]).all(), words
 
 
+
+def test_caption_mention_rate_override_and_unknown_attribute(world):
+    """A per-attribute override takes effect (rate 1 names the hair in every caption, 0 in none); an unknown key is a
+    clear error rather than silently ignored."""
+    from common.toy.world import GENDER_WORDS
+
+    rng = np.random.default_rng(2)
+    p = world.sample_people(rng, 200)
+    always = world.captions(rng, p, {"gender": 1.0})
+    never = world.captions(rng, p, {"gender": 0.0})
+    assert all(GENDER_WORDS[g] in c for g, c in zip(p.gender, always))
+    assert not any(w in c for c in never for w in GENDER_WORDS)
+    with pytest.raises(ValueError, match="unknown attribute.*'hair'"):
+        world.captions(rng, p, {"hair": 0.5})
+
 # ---- shipped models -----------------------------------------------------------------------------------------------
 
 

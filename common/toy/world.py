@@ -269,6 +269,9 @@ class ToyWorld:
         out = []
         n = len(people)
         t = rng.integers(0, len(TEMPLATES), n)
+        unknown = sorted(set(mention_rate or {}) - set(MENTION_RATE))
+        if unknown:
+            raise ValueError(f"mention_rate: unknown attribute(s) {unknown}; expected keys among {list(MENTION_RATE)}")
         rate = {**MENTION_RATE, **(mention_rate or {})}
         m = rng.random((n, 3)) < np.array([rate["gender"], rate["race"], rate["age"]])
         for i in range(n):
