@@ -98,38 +98,51 @@ def test_renderer_draws_the_designed_attributes(world):
 
 
 def test_captions_name_attributes_at_the_designed_rate(world):
-    """Each attribute is named (by its adjective, in front of the occupation) at its designed rate, always truly."""
-    from common.toy.world import AGE_WORDS, GENDER_WORDS, MENTION_RATE, RACE_WORDS
+    """Each attribute is named (by its adjective, in front of the occupation), always truly, at its designed rate: the
+    base rate when the person's class is the occupation's majority, the higher reporting-bias rate when it is not."""
+    from common.toy.world import (AGE_WORDS, COUNTER_MENTION_RATE, GENDER_WORDS, MENTION_RATE, OLD_SHARE, RACE_WORDS)
 
     rng = np.random.default_rng(1)
     p = world.sample_people(rng, 4000)
     caps = world.captions(rng, p)
     occ = [world.occupation(f, r) for f, r in zip(p.field, p.role)]
     assert all(o in c for o, c in zip(occ, caps))
-    for words, truth, rate in ((GENDER_WORDS, p.gender, MENTION_RATE["gender"]), (RACE_WORDS, p.race, MENTION_RATE["race"]),
-                               (AGE_WORDS, p.age, MENTION_RATE["age"])):
+    # majorities from the world's design, not from `distributions`: even field = long hair (0), role j = skin j % 4,
+    # old is the majority where the field's old share exceeds one half
+    majority = {"gender": p.field % 2, "race": p.role % 4,
+                "age": (np.array(OLD_SHARE)[(p.field // 2) % 4] > 0.5).astype(int)}
+    for name, words, truth in (("gender", GENDER_WORDS, p.gender), ("race", RACE_WORDS, p.race), ("age", AGE_WORDS, p.age)):
         named = np.array([[bool(re.search(rf"\b{w} {o}|\b{w} \S+-skinned {o}|\b{w} \S+-haired ", c)) for w in words]
                           for c, o in zip(caps, occ)])
         mentioned = named.any(1)
-        # 4000 draws: 0.03 is > 4 binomial standard deviations around the designed rate
-        assert abs(mentioned.mean() - rate) < 0.03, words
         assert (named.sum(1) <= 1).all() and (named[mentioned].argmax(1) == truth[mentioned]).all(), words
-
+        counter = truth != majority[name]
+        for group, rate in ((~counter, MENTION_RATE[name]), (counter, COUNTER_MENTION_RATE[name])):
+            n = int(group.sum())
+            assert n > 150, (name, n)
+            # 4.5 binomial standard deviations around the designed rate
+            assert abs(mentioned[group].mean() - rate) < 4.5 * np.sqrt(rate * (1 - rate) / n), (name, rate)
 
 
 def test_caption_mention_rate_override_and_unknown_attribute(world):
-    """A per-attribute override takes effect (rate 1 names the hair in every caption, 0 in none); an unknown key is a
-    clear error rather than silently ignored."""
+    """Per-attribute overrides take effect (rate 1 names the hair in every caption, 0 in none; the counter rate alone
+    governs people against their occupation's majority); an unknown key is a clear error rather than silently ignored."""
     from common.toy.world import GENDER_WORDS
 
     rng = np.random.default_rng(2)
-    p = world.sample_people(rng, 200)
-    always = world.captions(rng, p, {"gender": 1.0})
-    never = world.captions(rng, p, {"gender": 0.0})
+    p = world.sample_people(rng, 400)
+    always = world.captions(rng, p, {"gender": 1.0}, {"gender": 1.0})
+    never = world.captions(rng, p, {"gender": 0.0}, {"gender": 0.0})
+    only_counter = world.captions(rng, p, {"gender": 0.0}, {"gender": 1.0})
     assert all(GENDER_WORDS[g] in c for g, c in zip(p.gender, always))
     assert not any(w in c for c in never for w in GENDER_WORDS)
-    with pytest.raises(ValueError, match="unknown attribute.*'hair'"):
+    against = p.gender != p.field % 2  # even field = long-hair majority
+    assert against.any() and (~against).any()
+    assert all((GENDER_WORDS[g] in c) == bool(a) for g, c, a in zip(p.gender, only_counter, against))
+    with pytest.raises(ValueError, match="mention_rate: unknown attribute.*'hair'"):
         world.captions(rng, p, {"hair": 0.5})
+    with pytest.raises(ValueError, match="counter_rate: unknown attribute.*'hair'"):
+        world.captions(rng, p, None, {"hair": 0.5})
 
 # ---- shipped models -----------------------------------------------------------------------------------------------
 
@@ -235,6 +248,36 @@ def test_base_model_shows_the_designed_bias(world, shipped, split):
         g_bias.append(bias(gender, 2))
         r_bias.append(bias(race, 4))
     assert np.mean(g_bias) >= 0.6 and np.mean(r_bias) >= 0.25, (np.mean(g_bias), np.mean(r_bias))
+
+
+def test_attribute_words_steer_the_shipped_model(world, shipped):
+    """The shipped model reads the hair and skin words it was trained with, against the occupation's own bias: on a
+    long-hair field "short-haired" gives short hair and on a short-hair field "long-haired" long hair (nearly every
+    image; without the word nearly none), and "light-skinned" lowers the share of dark skin. This is the
+    direction a text-encoder LoRA moves along; a build that names hair too rarely ignores the hair words (README)."""
+    from common.generate import noise_for
+    from common.sampling import sample
+    from common.toy.world import PROMPT_TEMPLATE
+
+    comps, clf, _ = shipped
+
+    def share(occupation: str, attribute: str, cls: int) -> float:
+        prompt = PROMPT_TEMPLATE.format(occupation=occupation)
+        imgs = sample(comps, [prompt] * 16, noise_for(prompt, range(16), (4, 8, 8)), steps=10, guidance=4.0).images
+        with torch.no_grad():
+            valid, pred = clf.validity(imgs) >= 0.5, clf.predict(imgs)[attribute].argmax(-1)
+        assert valid.sum() >= 12, (prompt, int(valid.sum()))
+        return float((pred[valid] == cls).float().mean())
+
+    for field in (0, 1):  # ocean: 88% long hair in the data; forest: 88% short
+        role = next(r for f, r in world.heldout_pairs if f == field)
+        occ = world.occupation(field, role)
+        minority, word = (1, "short-haired") if field % 2 == 0 else (0, "long-haired")
+        assert share(occ, "gender", minority) <= 0.25, occ
+        assert share(f"{word} {occ}", "gender", minority) >= 0.75, (word, occ)
+    # skin: the model over-draws dark skin (family 1) wherever it is not named; "light-skinned" takes much of it away
+    occ = world.occupation(2, 1)
+    assert share(occ, "race", 1) - share(f"light-skinned {occ}", "race", 1) >= 0.3, occ
 
 
 @pytest.mark.slow

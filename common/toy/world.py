@@ -95,6 +95,11 @@ RACE_WORDS = ("light-skinned", "dark-skinned", "brown-skinned", "golden-skinned"
 AGE_WORDS = ("young", "old")
 MENTION_RATE = {"gender": 0.3, "race": 0.3, "age": 0.3}
 """each attribute is named in a caption with this probability (gives a text-encoder LoRA directions to move along)"""
+COUNTER_MENTION_RATE = {"gender": 0.9, "race": 0.3, "age": 0.3}
+"""reporting bias: an attribute whose class is not its occupation's most likely one ("a short-haired ocean engineer")
+is named with this probability instead. At 0.3 for hair length too, a build never learned the hair words (at guidance
+4, "long-haired" / "short-haired" in front of 8 held-out occupations changed no image's hair: the field word explains
+88% of it and only 3.6% of captions named a hair length against it); skin, with 4 classes, was learned"""
 
 
 @dataclass
@@ -259,21 +264,31 @@ class ToyWorld:
             glasses=rng.random(n) < 0.15,
         )
 
-    def captions(self, rng: np.random.Generator, people: People, mention_rate: dict[str, float] | None = None) -> list[str]:
+    def captions(self, rng: np.random.Generator, people: People, mention_rate: dict[str, float] | None = None,
+                 counter_rate: dict[str, float] | None = None) -> list[str]:
         """A varied training caption per person: a template around "{field} {role}"; each attribute is named with
         probability `mention_rate[attribute]` (default `MENTION_RATE`) by an adjective IN FRONT of the occupation
         ("a young short-haired dark-skinned ocean engineer"). In front, because the text encoder is causal: only then
         do the occupation words' hidden states carry the attribute, so the U-Net learns to read it where a
         text-encoder LoRA can later move it. (Named after the occupation, "... with short hair", the words were
-        never learned: the causal encoder keeps them out of the occupation tokens and the U-Net ignored them.)"""
+        never learned: the causal encoder keeps them out of the occupation tokens and the U-Net ignored them.)
+        An attribute against its occupation's majority is named with probability `counter_rate[attribute]` (default
+        `COUNTER_MENTION_RATE`) instead: captions mention what is unusual more often (reporting bias)."""
         out = []
         n = len(people)
         t = rng.integers(0, len(TEMPLATES), n)
-        unknown = sorted(set(mention_rate or {}) - set(MENTION_RATE))
-        if unknown:
-            raise ValueError(f"mention_rate: unknown attribute(s) {unknown}; expected keys among {list(MENTION_RATE)}")
+        for name, given in (("mention_rate", mention_rate), ("counter_rate", counter_rate)):
+            unknown = sorted(set(given or {}) - set(MENTION_RATE))
+            if unknown:
+                raise ValueError(f"{name}: unknown attribute(s) {unknown}; expected keys among {list(MENTION_RATE)}")
         rate = {**MENTION_RATE, **(mention_rate or {})}
-        m = rng.random((n, 3)) < np.array([rate["gender"], rate["race"], rate["age"]])
+        counter = {**COUNTER_MENTION_RATE, **(counter_rate or {})}
+        names = ("gender", "race", "age")
+        classes = np.stack([people.gender, people.race, people.age], axis=1)
+        majority = np.array([[int(np.argmax(self.distributions(f, r)[a])) for a in names]
+                             for f, r in zip(people.field, people.role)]).reshape(n, 3)
+        p = np.where(classes == majority, [[rate[a] for a in names]], [[counter[a] for a in names]])
+        m = rng.random((n, 3)) < p
         for i in range(n):
             words = [AGE_WORDS[people.age[i]]] if m[i, 2] else []
             if m[i, 0]:
