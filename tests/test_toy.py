@@ -100,7 +100,7 @@ def test_renderer_draws_the_designed_attributes(world):
 def test_captions_name_attributes_at_the_designed_rate(world):
     """Each attribute is named (by its adjective, in front of the occupation), always truly, at its designed rate: the
     base rate when the person's class is the occupation's majority, the higher reporting-bias rate when it is not."""
-    from common.toy.world import (AGE_WORDS, COUNTER_MENTION_RATE, GENDER_WORDS, MENTION_RATE, OLD_SHARE, RACE_WORDS)
+    from common.toy.world import AGE_WORDS, COUNTER_MENTION_RATE, GENDER_WORDS, MENTION_RATE, OLD_SHARE, RACE_WORDS
 
     rng = np.random.default_rng(1)
     p = world.sample_people(rng, 4000)

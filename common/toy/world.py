@@ -98,8 +98,9 @@ MENTION_RATE = {"gender": 0.3, "race": 0.3, "age": 0.3}
 COUNTER_MENTION_RATE = {"gender": 0.9, "race": 0.3, "age": 0.3}
 """reporting bias: an attribute whose class is not its occupation's most likely one ("a short-haired ocean engineer")
 is named with this probability instead. At 0.3 for hair length too, a build never learned the hair words (at guidance
-4, "long-haired" / "short-haired" in front of 8 held-out occupations changed no image's hair: the field word explains
-88% of it and only 3.6% of captions named a hair length against it); skin, with 4 classes, was learned"""
+4, "long-haired" / "short-haired" in front of 8 held-out occupations moved the share of long hair by at most 0.19, as
+often the wrong way: the field word explains 88% of it and only 3.6% of captions named a hair length against it);
+the skin words, at 0.3, were learned. At 0.9 the hair words give the named hair in 91-100% of images"""
 
 
 @dataclass
