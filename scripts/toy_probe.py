@@ -18,7 +18,6 @@ import csv
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from common.toy.demo import DEFAULT_CONFIG, measured_prompts
@@ -34,7 +33,7 @@ def training_pairs(world, spec: str) -> list[tuple[int, int]]:
         return [world.parse(o) for o in world.train_subset(int(arg))]
     if kind == "direction" and arg in ("long", "short"):
         majority = 0 if arg == "long" else 1  # gender class 0 ("female") = long hair
-        return [p for p in world.train_pairs if int(np.argmax(world.distributions(*p)["gender"])) == majority]
+        return [p for p in world.train_pairs if world.majority(*p)[0] == majority]
     raise ValueError(f"--train-set '{spec}': expected all, per-word:N (N >= 1) or direction:long|short")
 
 

@@ -175,6 +175,9 @@ class ToyWorld:
         pairs = [(f, r) for f in range(nf) for r in range(nr)]
         self.train_pairs = [p for p in pairs if p not in held]
         self.heldout_pairs = [p for p in pairs if p in held]
+        # [fields, roles, 3]: each occupation's most likely gender, race and age class (from `distributions`)
+        self._majority = np.array([[[int(np.argmax(d[a])) for a in ATTRIBUTES] for d in
+                                    (self.distributions(f, r) for r in range(nr))] for f in range(nf)], dtype=np.int64)
 
     # ---- design ----------------------------------------------------------------------------------------------
     def occupation(self, field: int, role: int) -> str:
@@ -218,6 +221,11 @@ class ToyWorld:
         race[role % 4] = RACE_MAJORITY
         old = OLD_SHARE[(field // 2) % 4]
         return {"gender": np.array([g, 1 - g]), "race": race, "age": np.array([1 - old, old])}
+
+    def majority(self, field, role) -> np.ndarray:
+        """The occupation's most likely class of each attribute (gender, race, age) for index arrays `field`, `role`
+        of any (equal) shape: int64 [..., 3]."""
+        return self._majority[np.asarray(field), np.asarray(role)]
 
     # ---- sampling --------------------------------------------------------------------------------------------
     def sample_people(self, rng: np.random.Generator, n: int, pairs: list[tuple[int, int]] | None = None) -> People:
@@ -284,11 +292,10 @@ class ToyWorld:
                 raise ValueError(f"{name}: unknown attribute(s) {unknown}; expected keys among {list(MENTION_RATE)}")
         rate = {**MENTION_RATE, **(mention_rate or {})}
         counter = {**COUNTER_MENTION_RATE, **(counter_rate or {})}
-        names = ("gender", "race", "age")
+        names = tuple(ATTRIBUTES)  # gender, race, age
         classes = np.stack([people.gender, people.race, people.age], axis=1)
-        majority = np.array([[int(np.argmax(self.distributions(f, r)[a])) for a in names]
-                             for f, r in zip(people.field, people.role)]).reshape(n, 3)
-        p = np.where(classes == majority, [[rate[a] for a in names]], [[counter[a] for a in names]])
+        p = np.where(classes == self.majority(people.field, people.role), [[rate[a] for a in names]],
+                     [[counter[a] for a in names]])
         m = rng.random((n, 3)) < p
         for i in range(n):
             words = [AGE_WORDS[people.age[i]]] if m[i, 2] else []
