@@ -378,6 +378,21 @@ def _is_uniform(attr: Attribute) -> bool:
     return all(math.isclose(t, 1.0 / attr.num_classes, abs_tol=1e-9) for t in attr.target)
 
 
+def target_kind(attr: Attribute) -> str:
+    """The name of `attr`'s per-prompt figure: "bias" when its target is uniform (the paper's bias assumes one), else
+    "gap" (mean |f - target|: the authors' age bias for a 75/25 target, where the bias would reward 50/50)."""
+    return "bias" if _is_uniform(attr) else "gap"
+
+
+def distance_to_target(pred: torch.Tensor, attr: Attribute) -> tuple[str, float]:
+    """How far one prompt's images are from `attr`'s target: (`target_kind(attr)`, its value). `pred`: LongTensor[n]
+    classes, -1 for no face. The one rule by which `summarize`, the trainer's logs and validation and the toy probe
+    name and compute their per-attribute figure."""
+    f = frequencies(pred, attr.num_classes)
+    kind = target_kind(attr)
+    return kind, float(pairwise_gap(f) if kind == "bias" else target_distance(f, attr.target))
+
+
 def summarize(
     table: Mapping,
     attrs: Sequence[Attribute | str],
@@ -445,13 +460,11 @@ def summarize(
         for spec in specs:
             a = spec.name
             pr = preds[a][rows]
+            kind, value = distance_to_target(pr, spec)
+            put(f"{a}_{kind}", i, value)
+            ci_jobs[f"{a}_{kind}"] = (a, spec.num_classes, "bias" if kind == "bias" else
+                                      lambda fr, t=spec.target: target_distance(fr, t))
             f = frequencies(pr, spec.num_classes)
-            if _is_uniform(spec):
-                put(f"{a}_bias", i, float(pairwise_gap(f)))
-                ci_jobs[f"{a}_bias"] = (a, spec.num_classes, "bias")
-            else:
-                put(f"{a}_gap", i, float(target_distance(f, spec.target)))
-                ci_jobs[f"{a}_gap"] = (a, spec.num_classes, lambda fr, t=spec.target: target_distance(fr, t))
             for c, cname in enumerate(spec.classes):
                 put(f"{a}_freq_{cname}", i, float(f[c]))
                 ci_jobs[f"{a}_freq_{cname}"] = (a, spec.num_classes, f"freq{c}")

@@ -278,7 +278,7 @@ class Trainer:
         self.step_count += 1
 
         # logging (batch statistics on the gathered probabilities of the finetuned images, averaged over the prompts)
-        from common.metrics import bias, predictions
+        from common.metrics import distance_to_target, predictions
 
         out = {"loss": total, "skipped": float(not finite), "steps": float(steps), "faces": 0.0,
                "lr": lr_at(cfg.train, step)}
@@ -287,7 +287,8 @@ class Trainer:
             for a in self.attrs:
                 p = glob[a.name]
                 pred = predictions(p, p[:, 0] >= 0)
-                for key, v in ((f"bias_{a.name}", bias(pred.cpu(), a.num_classes)),
+                kind, value = distance_to_target(pred.cpu(), a)  # bias_{a}, or gap_{a} for a non-uniform target
+                for key, v in ((f"{kind}_{a.name}", value),
                                (f"targets_{a.name}", float((targets[a.name] >= 0).float().mean()))):
                     out[key] = out.get(key, 0.0) + v / n_prompts
         out.update({k: v / (self.n_local * n_prompts) for k, v in term_logs.items()})
@@ -357,7 +358,7 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Per-prompt and mean bias of the current and the EMA weights on validation noise fixed for the whole run;
         annotated grids (original vs finetuned) in RUN_DIR/val/."""
-        from common.metrics import bias
+        from common.metrics import distance_to_target
         from common.plots import annotated_grid
 
         cfg = self.cfg
@@ -390,9 +391,10 @@ class Trainer:
                         for tag, pr in pairs:  # the original model is counted once, not once per variant
                             p = pr[a.name]
                             pred = torch.where(p[:, 0] >= 0, p.argmax(-1), torch.full_like(p[:, 0], -1).long())
-                            b = bias(pred.cpu(), a.num_classes)
-                            out[f"val_{tag}_bias_{a.name}_p{i}"] = b
-                            out[f"val_{tag}_bias_{a.name}"] = out.get(f"val_{tag}_bias_{a.name}", 0.0) + b / len(self.val_prompts)
+                            kind, b = distance_to_target(pred.cpu(), a)  # bias, or gap for a non-uniform target
+                            key = f"val_{tag}_{kind}_{a.name}"
+                            out[f"{key}_p{i}"] = b
+                            out[key] = out.get(key, 0.0) + b / len(self.val_prompts)
                     if self.acc.is_main_process and i < 4:
                         val_dir.mkdir(parents=True, exist_ok=True)
                         attrs = self.attrs
@@ -475,7 +477,8 @@ class Trainer:
             s = self.step_count
             self.logger.log(logs, s)
             bar.update(1)
-            bar.set_postfix({"loss": f"{logs['loss']:.3f}", **{k: f"{v:.2f}" for k, v in logs.items() if k.startswith("bias_")}})
+            shown = {k: f"{v:.2f}" for k, v in logs.items() if k.startswith(("bias_", "gap_"))}
+            bar.set_postfix({"loss": f"{logs['loss']:.3f}", **shown})
             if tr.validate_every and (s % tr.validate_every == 0 or s == tr.max_steps):
                 self.logger.log(self.validate(), s)
             if s == tr.max_steps or (tr.permanent_every and s % tr.permanent_every == 0):

@@ -1,14 +1,16 @@
 """Measure what limits debiasing on the toy world: train with a config (and overrides) on a chosen set of training
 occupations, and every `--every` steps measure, on `--prompts` training and held-out occupations at `--images` images
-each, the gender and race bias, the valid-face rate and the similarity to the original model's image from the same
-noise. Lighter than `make demo` (in memory, no files per image), so several settings can be compared in one sitting.
+each, every trained attribute's bias (or its gap to a non-uniform target), the valid-face rate and the similarity to
+the original model's image from the same noise. Lighter than `make demo` (in memory, no files per image), so several
+settings can be compared in one sitting.
 
     python -m scripts.toy_probe --out outputs/probe/w8 --steps 400 --every 100 --set loss.w_img=8
     python -m scripts.toy_probe --out outputs/probe/few --train-set per-word:1      # 16 training occupations
     python -m scripts.toy_probe --out outputs/probe/long --train-set direction:long  # fields of one gender direction
 
-Writes OUT/probe.csv (step, weights, split, one {attribute}_bias per trained attribute, valid_rate, similarity,
-minutes) and prints each row. The training run itself (metrics.csv and the last step's checkpoint) is in OUT/run/.
+Writes OUT/probe.csv (step, weights, split, one column per trained attribute: {attribute}_bias for a uniform target,
+{attribute}_gap (mean |frequency - target|) otherwise, as exp-4's age at 75/25; valid_rate, similarity, minutes)
+and prints each row. The training run itself (metrics.csv and the last step's checkpoint) is in OUT/run/.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class Probe:
     def measure(self) -> dict[str, dict[str, float]]:
         from common import adapters as ad
         from common.losses import judge
-        from common.metrics import bias, paired_similarity
+        from common.metrics import distance_to_target, paired_similarity
 
         tr = self.tr
         out = {}
@@ -73,7 +75,10 @@ class Probe:
                         self.reference[p] = self._images(p)
                 imgs = self._images(p)
                 j = judge(imgs, tr.detector, tr.classifier, tr.heads)
-                row = {f"{a.name}_bias": bias(j.pred[a.name].cpu(), a.num_classes) for a in tr.attrs}
+                row = {}
+                for a in tr.attrs:
+                    kind, value = distance_to_target(j.pred[a.name].cpu(), a)
+                    row[f"{a.name}_{kind}"] = value
                 row["valid_rate"] = float(j.faces.found.float().mean())
                 sims = [paired_similarity(imgs, self.reference[p], enc) for enc in tr.encoders]
                 row["similarity"] = float(torch.stack(sims).mean()) if sims else float("nan")
@@ -86,6 +91,7 @@ def run_probe(out: str | Path, config: str | Path = DEFAULT_CONFIG, steps: int =
               train_set: str = "all", images: int = 32, n_prompts: int = 8, overrides: list[str] | None = None) -> list[dict]:
     """Train and measure as the module says; returns the rows written to OUT/probe.csv."""
     from common.config import load_config
+    from common.metrics import target_kind
     from common.toy.world import ToyWorld
     from common.train import Trainer
 
@@ -100,7 +106,8 @@ def run_probe(out: str | Path, config: str | Path = DEFAULT_CONFIG, steps: int =
     tr.train_prompts = [world.prompt(world.occupation(*p)) for p in pairs]
     probe = Probe(tr, {"train": measured_prompts(world, pairs, n_prompts),
                        "heldout": measured_prompts(world, world.heldout_pairs, n_prompts)}, images)
-    columns = ["step", "weights", "split", *(f"{a.name}_bias" for a in tr.attrs), "valid_rate", "similarity", "minutes"]
+    columns = ["step", "weights", "split", *(f"{a.name}_{target_kind(a)}" for a in tr.attrs), "valid_rate", "similarity",
+               "minutes"]
     t0, rows = time.time(), []
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "probe.csv", "w", newline="") as fh:

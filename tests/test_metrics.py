@@ -77,6 +77,23 @@ def test_age_frequency_and_gaps():
     assert M.target_gap(pred, (0.75, 0.25)) == pytest.approx(0.65)
 
 
+def test_distance_to_target_names_and_computes_by_target():
+    """A uniform target gets the paper's bias; a non-uniform one (age 75/25) the mean |f - target|, by hand: 30 young,
+    10 old and 5 faceless images are ON a 75/25 target (gap 0) although their bias (|0.75 - 0.25|) is 0.5."""
+    from common.attributes import PRESETS, Attribute
+
+    on_target = _pred({0: 30, 1: 10, -1: 5})
+    assert M.target_kind(PRESETS["gender"]) == "bias" and M.target_kind(PRESETS["age"]) == "gap"
+    assert M.distance_to_target(on_target, PRESETS["gender"]) == ("bias", pytest.approx(0.5))
+    assert M.distance_to_target(on_target, PRESETS["age"]) == ("gap", pytest.approx(0.0))
+    balanced = _pred({0: 20, 1: 20})
+    assert M.distance_to_target(balanced, PRESETS["age"]) == ("gap", pytest.approx((0.25 + 0.25) / 2))
+    race = _pred({0: 6, 1: 2, 2: 2, 3: 0})  # uniform over 4: pairwise gaps 0.4, 0.4, 0.6, 0, 0.2, 0.2 -> mean 0.3
+    assert M.distance_to_target(race, PRESETS["race"]) == ("bias", pytest.approx(0.3))
+    skewed = Attribute("race", PRESETS["race"].classes, (0.4, 0.2, 0.2, 0.2))  # 0.6, 0.2, 0.2, 0 -> |.2|,0,0,|.2| / 4
+    assert M.distance_to_target(race, skewed) == ("gap", pytest.approx(0.1))
+
+
 def test_rates():
     found = torch.tensor([True, True, False, True])
     probs = torch.tensor([[0.9, 0.1], [0.3, 0.7], [0.5, 0.5], [0.19, 0.81]])

@@ -36,12 +36,14 @@ def test_probe_step_zero_is_the_original_model(tmp_path):
 
 
 def test_probe_columns_follow_the_configs_attributes(tmp_path):
-    """exp-4's toy config trains gender, race and age: the CSV has one bias column per attribute, age included."""
+    """exp-4's toy config trains gender, race and age: the CSV has one column per attribute, age included; age's
+    target is 75/25, so its column is the gap to that target (at most 0.75: every image old), not the bias, which
+    would score the target itself as biased."""
     from pathlib import Path
 
     cfg = Path(__file__).resolve().parents[1] / "exp-4-debias-gender-race-age/configs/toy.yaml"
     rows = run_probe(tmp_path, cfg, steps=1, every=1, images=2, n_prompts=1, overrides=["sampling.train_steps=[2, 2]"])
     header = (tmp_path / "probe.csv").read_text().splitlines()[0].split(",")
-    assert header == ["step", "weights", "split", "gender_bias", "race_bias", "age_bias", "valid_rate", "similarity",
+    assert header == ["step", "weights", "split", "gender_bias", "race_bias", "age_gap", "valid_rate", "similarity",
                       "minutes"]
-    assert len(rows) == 6 and all(0 <= r["age_bias"] <= 1 for r in rows)
+    assert len(rows) == 6 and all(0 <= r["age_gap"] <= 0.75 for r in rows)

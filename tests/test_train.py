@@ -127,6 +127,27 @@ def test_validation_reports_the_original_model_once(tmp_path):
         assert len(per_prompt) == 2 and out[f"val_orig_bias_{a}"] == pytest.approx(sum(per_prompt) / 2, abs=1e-12)
 
 
+def test_logs_and_validation_measure_age_against_its_target(tmp_path):
+    """exp-4's age target is 75/25: the step logs and validation report `gap_age` (mean |f - target|), computed by
+    `metrics.distance_to_target`, and no `bias_age`, which would call an on-target batch biased. Oracle for the
+    value: each prompt's figure recomputed by hand from the original images' predicted ages."""
+
+    cfg = load_config(ROOT / "exp-4-debias-gender-race-age/configs/debias-text-encoder.yaml",
+                      tiny_overrides(tmp_path, "finetune.rank=4", "train.val_images_per_prompt=4"))
+    tr = Trainer(cfg)
+    logs = tr.step()
+    assert "gap_age" in logs and "bias_age" not in logs and "bias_gender" in logs and "bias_race" in logs
+    assert 0 <= logs["gap_age"] <= 0.75
+    out = tr.validate()
+    assert not any("bias_age" in k for k in out)
+    per_prompt = [v for k, v in out.items() if k.startswith("val_orig_gap_age_p")]
+    assert len(per_prompt) == 2 and out["val_orig_gap_age"] == pytest.approx(sum(per_prompt) / 2, abs=1e-12)
+    for i, v in enumerate(per_prompt):
+        pred = tr._val_orig_cache[i][1].pred["age"]
+        old = float((pred == 1).sum() / (pred >= 0).sum())
+        assert v == pytest.approx((abs((1 - old) - 0.75) + abs(old - 0.25)) / 2, abs=1e-6)
+
+
 def test_marginal_alignment_solves_one_problem_per_attribute(tmp_path):
     """loss.joint_alignment=false: each attribute's targets come from its own transport problem, so they equal
     `expected_targets` + `assign` on that attribute alone (oracle: the alignment module called directly)."""
