@@ -131,7 +131,6 @@ def test_logs_and_validation_measure_age_against_its_target(tmp_path):
     """exp-4's age target is 75/25: the step logs and validation report `gap_age` (mean |f - target|), computed by
     `metrics.distance_to_target`, and no `bias_age`, which would call an on-target batch biased. Oracle for the
     value: each prompt's figure recomputed by hand from the original images' predicted ages."""
-
     cfg = load_config(ROOT / "exp-4-debias-gender-race-age/configs/debias-text-encoder.yaml",
                       tiny_overrides(tmp_path, "finetune.rank=4", "train.val_images_per_prompt=4"))
     tr = Trainer(cfg)
