@@ -122,6 +122,11 @@ class LossConfig:
     """truncate exact enumeration to this probability mass (0.95 reproduces the authors' exp-6)"""
     age_asymmetric_cost: bool = False
     """reproduce the authors' exp-4 cost (the young-probability deviation doubled for an old target)"""
+    keep: list[str] = field(default_factory=list)
+    """classifier outputs that are NOT debiased but should stay as they were, image by image (e.g. [age] while
+    debiasing gender x race): each finetuned image whose original was classified with confidence >=
+    `confidence_threshold` gets a cross-entropy towards the original's class, weighted by `w_keep`"""
+    w_keep: float = 1.0
 
 
 @dataclass
@@ -393,6 +398,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             v = getattr(ac, f)
             if not (0 <= v <= 1) or math.isnan(v):
                 raise ConfigError(f"{source}: attributes.{name}.{f} = {v}: expected a number in [0, 1]")
+    for head in cfg.loss.keep:
+        if head in cfg.attributes:
+            raise ConfigError(f"{source}: loss.keep lists '{head}', which is also debiased (attributes.{head}); "
+                              "an attribute is either aligned to its target or kept, not both")
+    if len(set(cfg.loss.keep)) != len(cfg.loss.keep):
+        raise ConfigError(f"{source}: loss.keep = {cfg.loss.keep}: expected each classifier output once")
+    if cfg.loss.w_keep < 0 or math.isnan(cfg.loss.w_keep):
+        raise ConfigError(f"{source}: loss.w_keep = {cfg.loss.w_keep}: expected a number >= 0")
     return cfg
 
 

@@ -109,6 +109,16 @@ def dynamic_weights(
     return torch.where(found.to(w.device), w, torch.full_like(w, float(no_face_weight)))
 
 
+def kept_classes(orig: Judged, attrs, threshold: float) -> dict[str, torch.Tensor]:
+    """Targets [N] per kept attribute: the original image's class where it has a face classified with confidence >=
+    `threshold`, else -1 (no target)."""
+    out = {}
+    for a in attrs:
+        ok = orig.found.to(orig.pred[a].device) & (orig.conf[a] >= threshold)
+        out[a] = torch.where(ok, orig.pred[a], torch.full_like(orig.pred[a], -1))
+    return out
+
+
 def box_intersection_mask(
     boxes_a: torch.Tensor, boxes_b: torch.Tensor, valid: torch.Tensor, height: int, width: int
 ) -> torch.Tensor:
@@ -177,11 +187,20 @@ class FairnessLoss:
         orig_face_features: torch.Tensor | None = None,
         face_bank=None,
         denominator: int | None = None,
+        keep_heads: Mapping[str, str] | None = None,
+        keep_targets: Mapping[str, torch.Tensor] | None = None,
+        w_keep: float = 0.0,
     ):
         self.classifier, self.heads, self.gen, self.orig = classifier, dict(heads), gen, orig
         self.targets = {a: t.long() for a, t in targets.items()}
         self.weights, self.encoders, self.orig_features = weights, list(encoders), list(orig_features)
         self.face_encoder, self.orig_face_features, self.face_bank = face_encoder, orig_face_features, face_bank
+        self.keep_heads = dict(keep_heads or {})
+        self.keep_targets = {a: t.long() for a, t in (keep_targets or {}).items()}
+        if set(self.keep_heads) != set(self.keep_targets):
+            raise ValueError(f"keep_heads {sorted(self.keep_heads)} and keep_targets {sorted(self.keep_targets)} "
+                             "must name the same attributes")
+        self.w_keep = float(w_keep)
         n = gen.found.shape[0]
         self.denominator = denominator or n
         found = gen.found
@@ -209,15 +228,24 @@ class FairnessLoss:
         total = images.new_zeros(())
         logs: dict[str, float] = {}
 
-        # distributional alignment: one CE per attribute on the faces that got a target
+        # distributional alignment: one CE per attribute on the faces that got a target; kept attributes: a CE
+        # towards the original image's class, weighted by w_keep
         if found.any():
             crops = crop_faces(images, gen.boxes[idx].to(dev), self.classifier.input_size)
             logits = self.classifier(crops.to(_dtype(self.classifier)))
+            none = torch.full_like(found, -1, dtype=torch.long)
             for a, head in self.heads.items():
-                t = torch.where(found, self.targets[a][idx].to(dev), torch.full_like(found, -1, dtype=torch.long))
+                t = torch.where(found, self.targets[a][idx].to(dev), none)
                 ce = alignment_loss(logits[head].float(), t)
                 total = total + ce.sum()
                 logs[f"loss_align_{a}"] = ce.sum().item()
+            for a, head in self.keep_heads.items():
+                if head not in logits:
+                    raise KeyError(f"classifier has no output '{head}' for kept attribute '{a}'; it has {sorted(logits)}")
+                t = torch.where(found, self.keep_targets[a][idx].to(dev), none)
+                ce = alignment_loss(logits[head].float(), t)
+                total = total + self.w_keep * ce.sum()
+                logs[f"loss_keep_{a}"] = ce.sum().item()
 
         # semantics preservation against the original image from the same noise
         if self.encoders:

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from common import adapters as ad
 from common.alignment import assign, expected_targets
 from common.config import Config, add_config_args, load_config, save_config
-from common.losses import FairnessLoss, LossWeights, judge
+from common.losses import FairnessLoss, LossWeights, judge, kept_classes
 from common.models import load_components
 from common.prompts import load_prompt_sets
 from common.sampling import Conditioning, dft_backward, encode_prompts, sample
@@ -169,6 +169,8 @@ class Trainer:
         j = cfg.judges
         self.attrs = cfg.attribute_specs()
         self.heads = {a.name: cfg.attributes[a.name].head or a.name for a in self.attrs}
+        self.keep_heads = {h: h for h in cfg.loss.keep}  # classifier outputs kept image by image (not debiased)
+        self.judge_heads = {**self.heads, **self.keep_heads}
         self.classifier = load_classifier(j.classifier, j.classifier_path, device=self.device, dtype=dtype)
         self.detector = get_detector(j.detector)  # runs on the images' device
         self.encoders = [load_image_encoder(n, device=self.device, dtype=dtype) for n in j.features]
@@ -304,9 +306,10 @@ class Trainer:
         prompts = [prompt] * self.n_local
         mode = cfg.sampling.dft
         ft, orig = self._rollouts(prompts, noise, steps, trajectory=(mode == "fast"))
-        gen_j = judge(ft.images, self.detector, self.classifier, self.heads)
-        orig_j = judge(orig.images, self.detector, self.classifier, self.heads)
-        targets, _, glob = self.targets_for(gen_j.probs, step, j)
+        gen_j = judge(ft.images, self.detector, self.classifier, self.judge_heads)
+        orig_j = judge(orig.images, self.detector, self.classifier, self.judge_heads)
+        targets, _, glob = self.targets_for({a.name: gen_j.probs[a.name] for a in self.attrs}, step, j)
+        keep_targets = kept_classes(orig_j, self.keep_heads, cfg.loss.confidence_threshold)
         with torch.no_grad():
             orig_feats = [enc(orig.images) for enc in self.encoders]
             orig_face = None
@@ -316,8 +319,10 @@ class Trainer:
             classifier=self.classifier, heads=self.heads, gen=gen_j, orig=orig_j, targets=targets,
             weights=self.weights, encoders=self.encoders, orig_features=orig_feats, face_encoder=self.face_encoder,
             orig_face_features=orig_face, face_bank=self.face_bank, denominator=denominator,
+            keep_heads=self.keep_heads, keep_targets=keep_targets, w_keep=cfg.loss.w_keep,
         )
-        total, term_logs = 0.0, {}
+        # share of the images whose kept attribute reads as the original's (both without a face counts as kept)
+        total, term_logs = 0.0, {f"kept_{a}": float((gen_j.pred[a] == orig_j.pred[a]).sum()) for a in self.keep_heads}
         for start in range(0, self.n_local, cfg.train.micro_batch):
             idx = torch.arange(start, min(start + cfg.train.micro_batch, self.n_local))
             logs_mb: dict[str, float] = {}

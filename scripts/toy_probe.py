@@ -9,7 +9,8 @@ settings can be compared in one sitting.
     python -m scripts.toy_probe --out outputs/probe/long --train-set direction:long  # fields of one gender direction
 
 Writes OUT/probe.csv (step, weights, split, one column per trained attribute: {attribute}_bias for a uniform target,
-{attribute}_gap (mean |frequency - target|) otherwise, as exp-4's age at 75/25; valid_rate, similarity, minutes)
+{attribute}_gap (mean |frequency - target|) otherwise, as exp-4's age at 75/25; {attribute}_kept for each `loss.keep`
+attribute: the share of images whose class equals the original image's; valid_rate, similarity, minutes)
 and prints each row. The training run itself (metrics.csv and the last step's checkpoint) is in OUT/run/.
 """
 
@@ -49,6 +50,7 @@ class Probe:
         shape = trainer.comps.latent_shape(trainer.cfg.sampling.image_size)
         self.noise = {p: noise_for(p, range(images), shape) for ps in prompts.values() for p in ps}
         self.reference: dict[str, torch.Tensor] = {}
+        self.reference_pred: dict[str, dict[str, torch.Tensor]] = {}
 
     @torch.no_grad()
     def _images(self, prompt: str) -> torch.Tensor:
@@ -73,12 +75,15 @@ class Probe:
                 if p not in self.reference:
                     with ad.adapters_disabled(tr.comps):
                         self.reference[p] = self._images(p)
+                    self.reference_pred[p] = judge(self.reference[p], tr.detector, tr.classifier, tr.judge_heads).pred
                 imgs = self._images(p)
-                j = judge(imgs, tr.detector, tr.classifier, tr.heads)
+                j = judge(imgs, tr.detector, tr.classifier, tr.judge_heads)
                 row = {}
                 for a in tr.attrs:
                     kind, value = distance_to_target(j.pred[a.name].cpu(), a)
                     row[f"{a.name}_{kind}"] = value
+                for a in tr.keep_heads:  # share of images whose kept attribute reads as the original image's
+                    row[f"{a}_kept"] = float((j.pred[a] == self.reference_pred[p][a]).float().mean())
                 row["valid_rate"] = float(j.faces.found.float().mean())
                 sims = [paired_similarity(imgs, self.reference[p], enc) for enc in tr.encoders]
                 row["similarity"] = float(torch.stack(sims).mean()) if sims else float("nan")
@@ -106,8 +111,8 @@ def run_probe(out: str | Path, config: str | Path = DEFAULT_CONFIG, steps: int =
     tr.train_prompts = [world.prompt(world.occupation(*p)) for p in pairs]
     probe = Probe(tr, {"train": measured_prompts(world, pairs, n_prompts),
                        "heldout": measured_prompts(world, world.heldout_pairs, n_prompts)}, images)
-    columns = ["step", "weights", "split", *(f"{a.name}_{target_kind(a)}" for a in tr.attrs), "valid_rate", "similarity",
-               "minutes"]
+    columns = ["step", "weights", "split", *(f"{a.name}_{target_kind(a)}" for a in tr.attrs),
+               *(f"{a}_kept" for a in tr.keep_heads), "valid_rate", "similarity", "minutes"]
     t0, rows = time.time(), []
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "probe.csv", "w", newline="") as fh:

@@ -70,6 +70,9 @@ def test_yaml_exponent_without_dot_is_a_float(tmp_path):
         ("attributes: {hair: {}}\n", ["attributes.hair", "unknown attribute", "presets"]),
         ("attributes: {gender: {factor1: 2}}\n", ["attributes.gender.factor1", "[0, 1]"]),
         ("finetune: {rank: 0}\n", ["finetune", "rank must be >= 1"]),
+        ("attributes: {gender: {}}\nloss: {keep: [gender]}\n", ["loss.keep", "'gender'", "attributes.gender"]),
+        ("attributes: {gender: {}}\nloss: {keep: [age, age]}\n", ["loss.keep", "['age', 'age']", "once"]),
+        ("loss: {w_keep: -1}\n", ["loss.w_keep = -1", ">= 0"]),
     ],
 )
 def test_errors_name_file_key_value(tmp_path, text, fragments):

@@ -63,3 +63,47 @@ def test_scale_gradient():
     assert torch.equal(y, x)
     (y * 3).sum().backward()
     assert torch.allclose(x.grad, 3 * f.expand_as(x))
+
+
+def test_keep_term_pulls_each_image_towards_its_original_class():
+    """loss.keep on the toy world's real judges: the kept targets are the original renders' true age (the toy
+    classifier reads clean renders confidently), an image the judge rejects gets none, and the term equals w_keep x the
+    cross-entropy written out by hand (logsumexp - logit, on the classifier's logits of the same images) over the
+    images per process. Tolerance 1e-5 relative: the same float32 logits, summed in another order."""
+    import numpy as np
+
+    from common.losses import FairnessLoss, LossWeights, judge, kept_classes
+    from common.toy.judges import ToyDetector, load_classifier
+    from common.toy.world import ToyWorld, to_tensor
+
+    world, clf = ToyWorld(), load_classifier()
+    det = ToyDetector(classifier=clf)
+    people = world.draw(np.random.default_rng(0), [0, 1, 0, 1, 0], [0, 1, 2, 3, 0], [0, 1, 1, 0, 0], [0] * 5, [1] * 5)
+    orig_imgs = to_tensor(world.render(people))
+    orig_imgs[4] = 0.0  # a flat grey square: no valid face
+    gen_imgs = to_tensor(world.render(people.with_attributes(age=1 - people.age)))  # every age flipped
+    heads = {"gender": "gender", "age": "age"}
+    orig, gen = judge(orig_imgs, det, clf, heads), judge(gen_imgs, det, clf, heads)
+    assert orig.found.tolist() == [True] * 4 + [False] and gen.found.all()
+    kept = kept_classes(orig, ["age"], threshold=0.8)
+    assert kept["age"].tolist() == [0, 1, 1, 0, -1]
+    assert (gen.pred["age"][:4] != kept["age"][:4]).all()  # the flipped renders read as the other age
+
+    weights = LossWeights(w_img=0.0, w_face=0.0, factor1={"gender": 1.0}, factor2={"gender": 1.0}, face_confidence=0.9)
+    none = {"gender": torch.full((5,), -1)}  # no alignment target: the keep term alone
+    fn = FairnessLoss(classifier=clf, heads={"gender": "gender"}, gen=gen, orig=orig, targets=none, weights=weights,
+                      keep_heads={"age": "age"}, keep_targets=kept, w_keep=2.5, denominator=5)
+    x = gen_imgs.clone().requires_grad_(True)
+    loss, logs = fn(x, torch.arange(5))
+    with torch.no_grad():
+        logits = clf(gen_imgs)["age"].double()
+    ce = [float(torch.logsumexp(logits[i], 0) - logits[i, t]) for i, t in enumerate(kept["age"].tolist()) if t >= 0]
+    assert logs["loss_keep_age"] == pytest.approx(sum(ce), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(2.5 * sum(ce) / 5, rel=1e-5)
+    assert sum(ce) > 4 * 0.5  # the flips are confidently wrong: a term that could not be zero here
+    loss.backward()  # and its gradient reaches the images whose original had a face, not the rejected one
+    assert x.grad[:4].abs().sum() > 0 and x.grad[4].abs().sum() == 0
+
+    with pytest.raises(ValueError, match="same attributes"):
+        FairnessLoss(classifier=clf, heads={"gender": "gender"}, gen=gen, orig=orig, targets=none, weights=weights,
+                     keep_heads={"age": "age"}, keep_targets={}, w_keep=1.0)

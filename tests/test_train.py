@@ -147,6 +147,21 @@ def test_logs_and_validation_measure_age_against_its_target(tmp_path):
         assert v == pytest.approx((abs((1 - old) - 0.75) + abs(old - 0.25)) / 2, abs=1e-6)
 
 
+def test_kept_attribute_enters_the_loss_with_its_weight(tmp_path):
+    """loss.keep=[age] while debiasing gender x race: the same first step at w_keep 0 and 2 differs in loss by exactly
+    2 x the logged keep term (the rollouts are identical: same seed, same initial weights), and since a fresh LoRA
+    is zero every finetuned image reads as its original (kept_age = 1). confidence_threshold 0 gives every original
+    with a face a kept target, so the term is not zero. Tolerance 1e-5: float32 sums in another order."""
+    out = {}
+    for w in (0.0, 2.0):
+        cfg = load_config(BASE, tiny_overrides(tmp_path / str(w), "finetune.rank=4", "loss.keep=[age]",
+                                               f"loss.w_keep={w}", "loss.confidence_threshold=0"))
+        out[w] = Trainer(cfg).step()
+    assert out[2.0]["loss_keep_age"] == pytest.approx(out[0.0]["loss_keep_age"], rel=1e-6) and out[0.0]["loss_keep_age"] > 0
+    assert out[2.0]["loss"] - out[0.0]["loss"] == pytest.approx(2 * out[0.0]["loss_keep_age"], rel=1e-5, abs=1e-6)
+    assert out[0.0]["kept_age"] == 1.0 and "bias_age" not in out[0.0] and "gap_age" not in out[0.0]
+
+
 def test_marginal_alignment_solves_one_problem_per_attribute(tmp_path):
     """loss.joint_alignment=false: each attribute's targets come from its own transport problem, so they equal
     `expected_targets` + `assign` on that attribute alone (oracle: the alignment module called directly)."""
