@@ -7,7 +7,8 @@ training AND held-out occupations with the project's own tools (generate -> eval
 Outputs: run/ (the training run: checkpoints, metrics.csv, validation grids), {split}/original|debiased/ (images),
 {split}/eval/ (per-image CSV, summary table, annotated grids, frequency plots against the target), bias_table.md,
 summary.json (gender/race bias before and after on held-out occupations, the same prefixed `train_`, similarity,
-degraded rate, minutes).
+degraded rate, `{attribute}_changed_after` for what was not debiased (age: the share of images whose age changed),
+minutes).
 """
 
 from __future__ import annotations
@@ -44,6 +45,29 @@ def _measure(trainer, prompts: list[str], out: Path, images: int, split: str) ->
                    reference_dir=out / "original", prompts=prompts, image_encoders=tuple(cfg.judges.features),
                    targets=targets, grid_tile=96, n_boot=200, progress=True)
     return res["summaries"]
+
+
+def changed_shares(eval_dir: Path, debiased: set[str]) -> dict[str, float]:
+    """For each attribute the classifier reads but the run did not debias (the toy world's age under gender x race):
+    the share of images, among those with a face before and after, whose predicted class differs from the original
+    image's from the same noise (`eval_dir/results.csv`, sets "debiased" and "original")."""
+    import csv
+
+    with open(eval_dir / "results.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    sets: dict[str, dict] = {"debiased": {}, "original": {}}
+    for r in rows:
+        if r["set"] in sets:
+            sets[r["set"]][(r["prompt_index"], r["image_index"])] = r
+    attrs = [k[: -len("_pred")] for k in (rows[0] if rows else {}) if k.endswith("_pred")]
+    out = {}
+    for a in attrs:
+        if a in debiased:
+            continue
+        pairs = [(r[f"{a}_pred"], sets["original"][k][f"{a}_pred"]) for k, r in sets["debiased"].items()
+                 if k in sets["original"] and r[f"{a}_pred"] and sets["original"][k][f"{a}_pred"]]
+        out[a] = sum(x != y for x, y in pairs) / len(pairs) if pairs else float("nan")
+    return out
 
 
 def measured_prompts(world, pairs: list[tuple[int, int]], n: int) -> list[str]:
@@ -95,6 +119,9 @@ def run_demo(out: str | Path = "outputs/demo", config: str | Path = DEFAULT_CONF
             summary[f"{prefix}{a}_bias_after"] = mean(split, "debiased", f"{a}_bias")
         summary[f"{prefix}gender_race_bias_before"] = mean(split, "original", "gender_race_bias")
         summary[f"{prefix}gender_race_bias_after"] = mean(split, "debiased", "gender_race_bias")
+    for split, prefix in (("heldout", ""), ("train", "train_")):  # unrequested changes (e.g. age), image by image
+        for a, v in changed_shares(out / split / "eval", {a.name for a in trainer.attrs}).items():
+            summary[f"{prefix}{a}_changed_after"] = v
     sim_keys = [k for k in summaries["heldout"]["debiased"]["mean"] if k.startswith(("sim_", "clip_i", "dino", "toy"))]
     sims = [mean("heldout", "debiased", k) for k in sim_keys]
     summary["similarity_after"] = sum(sims) / len(sims) if sims else float("nan")
@@ -119,6 +146,8 @@ def run_demo(out: str | Path = "outputs/demo", config: str | Path = DEFAULT_CONF
                      f"a perfectly fair model would score gender {summary['gender_bias_floor']:.3f}, race "
                      f"{summary['race_bias_floor']:.3f} with {images} images per prompt",
                      f"similarity to the original images (held-out): {summary['similarity_after']:.3f}",
+                     *(f"images whose {k[: -len('_changed_after')]} changed, unrequested (held-out): {v:.1%}"
+                       for k, v in summary.items() if k.endswith("_changed_after") and not k.startswith("train_")),
                      f"degraded / rejected images after: {summary['degraded_rate_after']:.1%}"
                      f" (before: {summary['degraded_rate_before']:.1%})",
                      f"time: {summary['minutes']:.1f} min ({summary['train_minutes']:.1f} training)",
