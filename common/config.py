@@ -148,6 +148,9 @@ class SamplingConfig:
     def __post_init__(self):
         if len(self.train_steps) != 2 or not 1 <= self.train_steps[0] <= self.train_steps[1]:
             raise ValueError(f"train_steps must be [min, max] with 1 <= min <= max, got {self.train_steps}")
+        if self.dft_last_k is not None and not 1 <= self.dft_last_k <= self.train_steps[0]:
+            raise ValueError(f"dft_last_k must be in [1, train_steps[0] = {self.train_steps[0]}] or null (every step "
+                             f"gets gradient), got {self.dft_last_k}")
 
 
 @dataclass

@@ -73,6 +73,7 @@ def test_yaml_exponent_without_dot_is_a_float(tmp_path):
         ("attributes: {gender: {}}\nloss: {keep: [gender]}\n", ["loss.keep", "'gender'", "attributes.gender"]),
         ("attributes: {gender: {}}\nloss: {keep: [age, age]}\n", ["loss.keep", "['age', 'age']", "once"]),
         ("loss: {w_keep: -1}\n", ["loss.w_keep = -1", ">= 0"]),
+        ("sampling: {train_steps: [3, 5], dft_last_k: 4}\n", ["sampling", "dft_last_k", "train_steps[0] = 3", "got 4"]),
     ],
 )
 def test_errors_name_file_key_value(tmp_path, text, fragments):

@@ -162,6 +162,20 @@ def test_kept_attribute_enters_the_loss_with_its_weight(tmp_path):
     assert out[0.0]["kept_age"] == 1.0 and "bias_age" not in out[0.0] and "gap_age" not in out[0.0]
 
 
+def test_dft_last_k_reaches_the_backward(tmp_path):
+    """sampling.dft_last_k is what the trainer back-propagates through: with 2 sampling steps, last_k = 2 is the whole
+    chain, so one step leaves exactly the parameters of last_k = null (same seed, same rollouts); last_k = 1 does not."""
+    params = {}
+    for k in ("null", "2", "1"):
+        cfg = load_config(BASE, tiny_overrides(tmp_path / k, "finetune.rank=4", "sampling.train_steps=[2, 2]",
+                                               f"sampling.dft_last_k={k}"))
+        tr = Trainer(cfg)
+        tr.step()
+        params[k] = torch.cat([p.detach().flatten() for p in tr.params.values()])
+    assert torch.allclose(params["2"], params["null"], rtol=1e-5, atol=1e-7)  # float32 sums in another order
+    assert not torch.allclose(params["1"], params["null"], rtol=1e-3, atol=1e-6)
+
+
 def test_marginal_alignment_solves_one_problem_per_attribute(tmp_path):
     """loss.joint_alignment=false: each attribute's targets come from its own transport problem, so they equal
     `expected_targets` + `assign` on that attribute alone (oracle: the alignment module called directly)."""
