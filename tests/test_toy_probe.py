@@ -24,13 +24,15 @@ def test_training_sets():
 
 def test_probe_step_zero_is_the_original_model(tmp_path):
     """Before any step the LoRA is zero: the measured images ARE the reference images (similarity 1 up to float32
-    rounding; the rows keep 4 decimals), and every row of the CSV is written."""
-    rows = run_probe(tmp_path, steps=2, every=2, images=4, n_prompts=2, overrides=["sampling.train_steps=[2, 2]"])
+    rounding; the rows keep 4 decimals) and every kept attribute reads as the original's (age_kept 1); every row of
+    the CSV is written. exp-3's toy config back-propagates through 4 steps: 2 here, the whole shortened chain."""
+    rows = run_probe(tmp_path, steps=2, every=2, images=4, n_prompts=2,
+                     overrides=["sampling.train_steps=[2, 2]", "sampling.dft_last_k=2", "loss.keep=[age]"])
     assert [(r["step"], r["weights"], r["split"]) for r in rows] == [
         (0, "main", "train"), (0, "main", "heldout"), (2, "main", "train"), (2, "main", "heldout"),
         (2, "ema", "train"), (2, "ema", "heldout")]
     for r in rows[:2]:
-        assert r["similarity"] == pytest.approx(1.0, abs=1e-4)
+        assert r["similarity"] == pytest.approx(1.0, abs=1e-4) and r["age_kept"] == 1.0
         assert 0 <= r["gender_bias"] <= 1 and 0 <= r["race_bias"] <= 0.5 and 0 <= r["valid_rate"] <= 1
     assert (tmp_path / "probe.csv").read_text().count("\n") == len(rows) + 1
 
