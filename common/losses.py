@@ -119,6 +119,13 @@ def kept_classes(orig: Judged, attrs, threshold: float) -> dict[str, torch.Tenso
     return out
 
 
+def kept_share(pred: torch.Tensor, orig_pred: torch.Tensor) -> float:
+    """Share of the images with a face in both (class >= 0 in `pred` and `orig_pred`, [N] each) whose class equals the
+    original's; nan when no image has a face in both. The demo's `{attribute}_changed_after` is 1 minus this."""
+    both = (pred >= 0) & (orig_pred.to(pred.device) >= 0)
+    return float((pred[both] == orig_pred.to(pred.device)[both]).float().mean()) if both.any() else float("nan")
+
+
 def box_intersection_mask(
     boxes_a: torch.Tensor, boxes_b: torch.Tensor, valid: torch.Tensor, height: int, width: int
 ) -> torch.Tensor:
@@ -228,24 +235,18 @@ class FairnessLoss:
         total = images.new_zeros(())
         logs: dict[str, float] = {}
 
-        # distributional alignment: one CE per attribute on the faces that got a target; kept attributes: a CE
+        # distributional alignment: one CE per attribute on the faces that got a target; kept attributes: the same CE
         # towards the original image's class, weighted by w_keep
         if found.any():
             crops = crop_faces(images, gen.boxes[idx].to(dev), self.classifier.input_size)
             logits = self.classifier(crops.to(_dtype(self.classifier)))
             none = torch.full_like(found, -1, dtype=torch.long)
-            for a, head in self.heads.items():
-                t = torch.where(found, self.targets[a][idx].to(dev), none)
-                ce = alignment_loss(logits[head].float(), t)
-                total = total + ce.sum()
-                logs[f"loss_align_{a}"] = ce.sum().item()
-            for a, head in self.keep_heads.items():
-                if head not in logits:
-                    raise KeyError(f"classifier has no output '{head}' for kept attribute '{a}'; it has {sorted(logits)}")
-                t = torch.where(found, self.keep_targets[a][idx].to(dev), none)
-                ce = alignment_loss(logits[head].float(), t)
-                total = total + self.w_keep * ce.sum()
-                logs[f"loss_keep_{a}"] = ce.sum().item()
+            for term, heads, targets, w in (("align", self.heads, self.targets, 1.0),
+                                            ("keep", self.keep_heads, self.keep_targets, self.w_keep)):
+                for a, head in heads.items():
+                    ce = alignment_loss(logits[head].float(), torch.where(found, targets[a][idx].to(dev), none))
+                    total = total + w * ce.sum()
+                    logs[f"loss_{term}_{a}"] = ce.sum().item()
 
         # semantics preservation against the original image from the same noise
         if self.encoders:

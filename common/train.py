@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from common import adapters as ad
 from common.alignment import assign, expected_targets
 from common.config import Config, add_config_args, load_config, save_config
-from common.losses import FairnessLoss, LossWeights, judge, kept_classes
+from common.losses import FairnessLoss, LossWeights, judge, kept_classes, kept_share
 from common.models import load_components
 from common.prompts import load_prompt_sets
 from common.sampling import Conditioning, dft_backward, encode_prompts, sample
@@ -321,8 +321,9 @@ class Trainer:
             orig_face_features=orig_face, face_bank=self.face_bank, denominator=denominator,
             keep_heads=self.keep_heads, keep_targets=keep_targets, w_keep=cfg.loss.w_keep,
         )
-        # share of the images whose kept attribute reads as the original's (both without a face counts as kept)
-        total, term_logs = 0.0, {f"kept_{a}": float((gen_j.pred[a] == orig_j.pred[a]).sum()) for a in self.keep_heads}
+        # share of the images whose kept attribute reads as the original's (times n_local: term logs are per-image sums)
+        total, term_logs = 0.0, {f"kept_{a}": kept_share(gen_j.pred[a], orig_j.pred[a]) * self.n_local
+                                 for a in self.keep_heads}
         for start in range(0, self.n_local, cfg.train.micro_batch):
             idx = torch.arange(start, min(start + cfg.train.micro_batch, self.n_local))
             logs_mb: dict[str, float] = {}

@@ -10,7 +10,7 @@ settings can be compared in one sitting.
 
 Writes OUT/probe.csv (step, weights, split, one column per trained attribute: {attribute}_bias for a uniform target,
 {attribute}_gap (mean |frequency - target|) otherwise, as exp-4's age at 75/25; {attribute}_kept for each `loss.keep`
-attribute: the share of images whose class equals the original image's; valid_rate, similarity, minutes)
+attribute: the share of images (with a face in both) whose class equals the original image's; valid_rate, similarity, minutes)
 and prints each row. The training run itself (metrics.csv and the last step's checkpoint) is in OUT/run/.
 """
 
@@ -64,7 +64,7 @@ class Probe:
     @torch.no_grad()
     def measure(self) -> dict[str, dict[str, float]]:
         from common import adapters as ad
-        from common.losses import judge
+        from common.losses import judge, kept_share
         from common.metrics import distance_to_target, paired_similarity
 
         tr = self.tr
@@ -83,7 +83,7 @@ class Probe:
                     kind, value = distance_to_target(j.pred[a.name].cpu(), a)
                     row[f"{a.name}_{kind}"] = value
                 for a in tr.keep_heads:  # share of images whose kept attribute reads as the original image's
-                    row[f"{a}_kept"] = float((j.pred[a] == self.reference_pred[p][a]).float().mean())
+                    row[f"{a}_kept"] = kept_share(j.pred[a], self.reference_pred[p][a])
                 row["valid_rate"] = float(j.faces.found.float().mean())
                 sims = [paired_similarity(imgs, self.reference[p], enc) for enc in tr.encoders]
                 row["similarity"] = float(torch.stack(sims).mean()) if sims else float("nan")

@@ -1,6 +1,8 @@
 """Loss pieces against hand-derived values: dynamic weights and face-region factors (the paper's 8 / 1.6 / 0.32 and
 the joint table), the box-intersection mask (with the authors' no-face slicing bug NOT repeated), gradient scaling."""
 
+import math
+
 import pytest
 import torch
 
@@ -107,3 +109,12 @@ def test_keep_term_pulls_each_image_towards_its_original_class():
     with pytest.raises(ValueError, match="same attributes"):
         FairnessLoss(classifier=clf, heads={"gender": "gender"}, gen=gen, orig=orig, targets=none, weights=weights,
                      keep_heads={"age": "age"}, keep_targets={}, w_keep=1.0)
+
+
+def test_kept_share_by_hand():
+    """Among the images with a face in both (class >= 0), the share whose class is unchanged: pairs (1,1) (0,1) (1,1)
+    count, (-1,0) (1,-1) (-1,-1) do not -> 2/3; no pair with faces -> nan."""
+    from common.losses import kept_share
+
+    assert kept_share(T(1, 0, 1, -1, 1, -1), T(1, 1, 1, 0, -1, -1)) == pytest.approx(2 / 3)
+    assert math.isnan(kept_share(T(-1, 0), T(1, -1)))
