@@ -1,6 +1,7 @@
 """How local are a toy build's edits, and how strictly does the toy image encoder read "the same scene"?
 
-Two measurements, both with the shipped judges (or those of `--build`):
+Two measurements; the judges (classifier, image encoder) are always the shipped ones, `--build` swaps the generator,
+and the cosine is the demo's similarity (`common.metrics.paired_similarity`):
 
 1. Word edits of the BASE model: each measured held-out prompt is sampled from the same noise with and without an
    attribute word in front of the occupation ("a photo of the face of a long-haired arctic director, a person"). Each
@@ -79,6 +80,7 @@ def word_edits(comps, detector, classifier, encoder, world, prompts: list[str], 
 
     from common.generate import noise_for
     from common.losses import judge
+    from common.metrics import paired_similarity
     from common.sampling import sample
 
     heads = {a: a for a in classifier.attributes}
@@ -88,14 +90,14 @@ def word_edits(comps, detector, classifier, encoder, world, prompts: list[str], 
     for p in prompts:
         noise = noise_for(p, range(images), comps.latent_shape())
         base = sample(comps, [p] * images, noise, steps, guidance=guidance).images
-        f0, j0 = encoder(base), judge(base, detector, classifier, heads)
+        j0 = judge(base, detector, classifier, heads)
         bar.update()
         for word in words:
             im = sample(comps, [edit_prompt(world, p, word)] * images, noise, steps, guidance=guidance).images
-            cos = (f0 * encoder(im)).sum(-1)
+            cos = paired_similarity(im, base, encoder)
             best = None
             if shift_search:
-                best = torch.stack([(f0 * encoder(shift(im, dx, dy))).sum(-1) for dx, dy in offsets]).max(0).values
+                best = torch.stack([paired_similarity(shift(im, dx, dy), base, encoder) for dx, dy in offsets]).max(0).values
             for i, b in enumerate(buckets(j0.pred, judge(im, detector, classifier, heads).pred)):
                 slot = acc.setdefault((word, b), [[], []])
                 slot[0].append(float(cos[i]))
@@ -116,15 +118,16 @@ def word_edits(comps, detector, classifier, encoder, world, prompts: list[str], 
 def encoder_sensitivity(world, encoder, n: int = 512, seed: int = 0) -> list[dict]:
     """Rows (parameters, delta, cosine): mean cosine between renders of `n` people and the same people with one
     parameter group moved by delta."""
+    from common.metrics import paired_similarity
     from common.toy.world import to_tensor
 
     people = world.sample_balanced(np.random.default_rng(seed), n)
-    f0 = encoder(to_tensor(world.render(people)))
+    ref = to_tensor(world.render(people))
     rows = []
     for name, fields in SENSITIVITY.items():
         for d in DELTAS.get(name, (0.1, 0.25, 0.5, 1.0)):
             moved = dataclasses.replace(people, **{k: getattr(people, k) + np.float32(d) for k in fields})
-            cos = (f0 * encoder(to_tensor(world.render(moved)))).sum(-1).mean()
+            cos = paired_similarity(to_tensor(world.render(moved)), ref, encoder).mean()
             rows.append({"parameters": name, "delta": d, "cosine": round(float(cos), 4)})
     return rows
 
