@@ -6,8 +6,8 @@ Stages (each seeded from the build seed; same seed, same machine and thread coun
 2. Attribute classifier with a validity head, on renders, their VAE reconstructions (mildly varied and lightly
    adversarially perturbed: valid) and degraded copies (invalid; attribute labels kept at low weight so artifacts
    do not move the reading).
-3. Image-feature encoder, contrastive: same scene with other protected attributes = positive; other people (same
-   occupation included) and damaged copies = negatives.
+3. Image-feature encoder, contrastive: same scene with other protected attributes, the person moved by up to
+   `encoder_move` pixels = positive; other people (same occupation included) and damaged copies = negatives.
 4. Text encoder (CLIPTextModel, 64-d, 2 layers, the real CLIP tokenizer) + U-Net, jointly, epsilon prediction with
    the SD noise schedule, min-SNR weighting, 10% caption dropout; captions encoded by `common.sampling.encode_prompts`
    (the code that conditions at sampling time).
@@ -21,7 +21,7 @@ import json
 import math
 import platform
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from common.models import CLIP_TOKENS
 from common.toy.degrade import KINDS, degrade, mild, random_degrade
 from common.toy.nets import VALID_LOGIT, ToyClassifier, ToyImageEncoder
-from common.toy.world import ATTRIBUTES, WORLD_VERSION, ToyWorld, to_tensor
+from common.toy.world import ATTRIBUTES, WORLD_VERSION, People, ToyWorld, to_tensor
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = REPO / "data" / "toy"
@@ -89,6 +89,10 @@ class BuildConfig:
     encoder_images: int = 6000
     encoder_steps: int = 300
     encoder_batch: int = 96
+    encoder_move: float = 1.0
+    """positives of the image encoder are also moved by up to this many pixels in x and y (uniform): CLIP and DINO
+    features, which it stands in for, barely change when a picture is shifted by 3% of its width (their training
+    crops the picture at random); without it a 1 px move (3% here) read as 0.74 cosine"""
     diffusion_images: int = 40000
     diffusion_steps: int = 1500
     diffusion_batch: int = 128
@@ -275,24 +279,35 @@ def evaluate_classifier(world: ToyWorld, vae, clf: ToyClassifier, cfg: BuildConf
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _scene_pairs(world: ToyWorld, rng: np.random.Generator, n: int):
+def _scene_pairs(world: ToyWorld, rng: np.random.Generator, n: int, move: float = 0.0):
     """n scenes in sibling pairs (2k, 2k+1 share the occupation, not the person), each rendered twice: as drawn and
-    with every protected attribute redrawn (the positive). Returns (anchor, positive) uint8 [n, 32, 32, 3]."""
+    with every protected attribute redrawn and the person (face, hair, body) moved by uniform(-move, move) pixels in
+    x and y (the positive). Returns (anchor, positive) uint8 [n, 32, 32, 3]."""
+    people, other = _scene_people(world, rng, n, move)
+    return world.render(people), world.render(other)
+
+
+def _scene_people(world: ToyWorld, rng: np.random.Generator, n: int, move: float = 0.0) -> tuple[People, People]:
+    """The people of `_scene_pairs`: (anchors, positives)."""
     people = world.sample_balanced(rng, n)
     people.field[1::2] = people.field[0::2]
     people.role[1::2] = people.role[0::2]
     other = people.with_attributes(rng.integers(0, 2, n), rng.integers(0, 4, n), rng.integers(0, 2, n))
-    return world.render(people), world.render(other)
+    if move > 0:
+        dx, dy = (rng.uniform(-move, move, n).astype(np.float32) for _ in range(2))
+        other = replace(other, cx=other.cx + dx, cy=other.cy + dy)
+    return people, other
 
 
 def train_encoder(world: ToyWorld, vae, cfg: BuildConfig, tau: float = 0.1) -> tuple[ToyImageEncoder, dict]:
     """InfoNCE over [positives; degraded anchors]: the positive of anchor i is the same scene with redrawn protected
-    attributes (render or reconstruction); every other person in the batch (the sibling with the same occupation
-    included) and every degraded anchor (its own included) is a negative. Plus 1 - cos(anchor, positive)."""
+    attributes and the person moved by up to `cfg.encoder_move` pixels (render or reconstruction); every other person
+    in the batch (the sibling with the same occupation included) and every degraded anchor (its own included) is a
+    negative. Plus 1 - cos(anchor, positive)."""
     t0 = time.time()
     rng = _rng(cfg, 3)
     n = cfg.encoder_images // 2 * 2
-    a_img, p_img = (to_tensor(v) for v in _scene_pairs(world, rng, n))
+    a_img, p_img = (to_tensor(v) for v in _scene_pairs(world, rng, n, cfg.encoder_move))
     g = _gen(cfg, 3)
     a_rec, p_rec = reconstruct(vae, a_img, g), reconstruct(vae, p_img, g)
     torch.manual_seed(cfg.seed * 1000 + 3)
@@ -329,8 +344,9 @@ def train_encoder(world: ToyWorld, vae, cfg: BuildConfig, tau: float = 0.1) -> t
 
 @torch.no_grad()
 def evaluate_encoder(world: ToyWorld, vae, enc: ToyImageEncoder, cfg: BuildConfig) -> dict:
-    """Mean cosine similarity of the encoder for: the same scene with other protected attributes, a reconstruction,
-    each degradation kind, another person of the same occupation, and a random other image (fresh seed stream)."""
+    """Mean cosine similarity of the encoder for: the same scene with other protected attributes, the same person
+    moved by 0.5 and 1 pixel (random direction), a reconstruction, each degradation kind, another person of the same
+    occupation, and a random other image (fresh seed stream)."""
     n = cfg.eval_judge_images // 2 * 2
     a, p = (to_tensor(v) for v in _scene_pairs(world, _rng(cfg, 92), n))
     g = _gen(cfg, 92)
@@ -342,6 +358,12 @@ def evaluate_encoder(world: ToyWorld, vae, enc: ToyImageEncoder, cfg: BuildConfi
         "cos_same_occupation_other_person": float((fa[0::2] * fa[1::2]).sum(-1).mean()),
         "cos_random_other": float((fa * fa.roll(7, 0)).sum(-1).mean()),
     }
+    people = world.sample_balanced(_rng(cfg, 93), n)
+    angle = _rng(cfg, 94).uniform(0, 2 * np.pi, n).astype(np.float32)
+    f0 = enc(to_tensor(world.render(people)))
+    for d, name in ((0.5, "cos_moved_half_px"), (1.0, "cos_moved_1px")):
+        moved = replace(people, cx=people.cx + d * np.cos(angle), cy=people.cy + d * np.sin(angle))
+        out[name] = float((f0 * enc(to_tensor(world.render(moved)))).sum(-1).mean())
     for k, kind in enumerate(KINDS):
         out[f"cos_{kind}"] = cos(degrade(a, torch.full((n,), k), g))
     return out
@@ -505,7 +527,8 @@ def _save(module: torch.nn.Module, path: Path) -> None:
 
 
 REUSABLE_SETTINGS = ("seed", "vae_images", "vae_steps", "vae_batch", "vae_lr", "kl_weight", "judge_images",
-                     "classifier_steps", "classifier_batch", "encoder_images", "encoder_steps", "encoder_batch")
+                     "classifier_steps", "classifier_batch", "encoder_images", "encoder_steps", "encoder_batch",
+                     "encoder_move")
 """the settings the VAE, classifier and image-encoder stages depend on (captions and diffusion settings do not)"""
 
 

@@ -78,9 +78,11 @@ class ToyClassifier(AttributeClassifier):
 class ToyImageEncoder(nn.Module):
     """Image features for semantics preservation: [N, 3, H, W] in [-1, 1] -> [N, 128], L2-normalised, differentiable.
 
-    Trained contrastively (see `common.toy.build.train_encoder`): the same scene with other protected attributes is a
-    positive; other people and damaged copies of the same picture are negatives. So cosine similarity stays high when
-    only hair length, skin tone or hair colour change, and drops for blotches, washed-out colour and other artifacts.
+    Trained contrastively (see `common.toy.build.train_encoder`): the same scene with other protected attributes and
+    the person moved by up to a pixel is a positive; other people and damaged copies of the same picture are
+    negatives. So cosine similarity stays high when only hair length, skin tone or hair colour change or the person
+    shifts slightly (as CLIP and DINO features tolerate small shifts), and drops for another person, blotches,
+    washed-out colour and other artifacts.
     """
 
     dim = 128
