@@ -5,6 +5,7 @@ training AND held-out occupations with the project's own tools (generate -> eval
                               [--images N] [--prompts N] [--set key=value ...]
 
 Outputs: run/ (the training run: checkpoints, metrics.csv, validation grids), {split}/original|debiased/ (images),
+{split}/pairs.png (each prompt's first 16 images: originals above the debiased images from the same noises),
 {split}/eval/ (per-image CSV, summary table, annotated grids, frequency plots against the target), bias_table.md,
 summary.json (gender/race bias before and after on held-out occupations, the same prefixed `train_`, similarity,
 degraded rate, `{attribute}_changed_after` for what was not debiased (age: the share of images whose age changed),
@@ -40,11 +41,27 @@ def _measure(trainer, prompts: list[str], out: Path, images: int, split: str) ->
     with trainer.ema.swapped():
         generate_to_dir(trainer.comps, prompts, out / "debiased", images,
                         info={"model": "toy", "adapters": str(cfg.paths.output_dir)}, **kw)
+    pairs_grid(out, len(prompts), min(images, 16))
     targets = {a.name: list(a.target) for a in trainer.attrs}
     res = evaluate(out / "debiased", out / "eval", classifier=cfg.judges.eval_classifier, detector=cfg.judges.detector,
                    reference_dir=out / "original", prompts=prompts, image_encoders=tuple(cfg.judges.features),
                    targets=targets, grid_tile=96, n_boot=200, progress=True)
     return res["summaries"]
+
+
+def pairs_grid(split_dir: Path, n_prompts: int, per_prompt: int = 16, scale: int = 3) -> Path:
+    """`split_dir/pairs.png`: per prompt, a row of original images above the debiased images from the same noises
+    (`split_dir/{original,debiased}/prompt_{i}/img_{j}.png`), so that what changed in each person shows at a glance."""
+    import numpy as np
+    from PIL import Image
+
+    from common.toy.world import grid
+
+    tiles = [np.asarray(Image.open(split_dir / s / f"prompt_{i}" / f"img_{j}.png").convert("RGB"))
+             for i in range(n_prompts) for s in ("original", "debiased") for j in range(per_prompt)]
+    path = split_dir / "pairs.png"
+    Image.fromarray(grid(np.stack(tiles), per_prompt, scale=scale)).save(path)
+    return path
 
 
 def changed_shares(eval_dir: Path, debiased: set[str]) -> dict[str, float]:
@@ -151,7 +168,8 @@ def run_demo(out: str | Path = "outputs/demo", config: str | Path = DEFAULT_CONF
                      f"degraded / rejected images after: {summary['degraded_rate_after']:.1%}"
                      f" (before: {summary['degraded_rate_before']:.1%})",
                      f"time: {summary['minutes']:.1f} min ({summary['train_minutes']:.1f} training)",
-                     f"grids, plots and tables: {out}/{{train,heldout}}/eval/", "=" * 72]))
+                     f"grids, plots and tables: {out}/{{train,heldout}}/eval/; before above after, image by image: "
+                     f"{out}/{{train,heldout}}/pairs.png", "=" * 72]))
     return summary
 
 
