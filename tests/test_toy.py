@@ -248,6 +248,15 @@ def test_encoder_positives_are_the_same_people_moved_within_bounds(world):
         assert np.array_equal(a.field[0::2], a.field[1::2]) and np.array_equal(a.role[0::2], a.role[1::2])
 
 
+def test_build_settings_from_the_cli_refuse_a_negative_move():
+    from common.toy.build import config_from_args
+
+    assert config_from_args(0, False, {"encoder_move": "0.5"}).encoder_move == 0.5
+    assert config_from_args(0, False, {"encoder_move": "0"}).encoder_move == 0.0
+    with pytest.raises(ValueError, match=r"'encoder_move': -1.0 is negative; expected a distance in pixels >= 0"):
+        config_from_args(0, False, {"encoder_move": "-1"})
+
+
 def test_components_generate_images(shipped):
     from common.sampling import sample
 

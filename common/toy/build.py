@@ -650,4 +650,7 @@ def config_from_args(seed: int, quick: bool, overrides: dict) -> BuildConfig:
             setattr(cfg, k, kind(v))
         except ValueError:
             raise ValueError(f"build setting '{k}': '{v}' is not a valid {kind.__name__}") from None
+    if cfg.encoder_move < 0:
+        raise ValueError(f"build setting 'encoder_move': {cfg.encoder_move} is negative; expected a distance in pixels "
+                         f">= 0 (0 = positives not moved)")
     return cfg
