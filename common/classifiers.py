@@ -21,7 +21,6 @@ import csv
 import importlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,10 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.attributes import PRESETS
-
-REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("FAIR_DIFFUSION_DATA", REPO / "data"))
-"""Where data.zip is unpacked (`data/` of the repository; override with $FAIR_DIFFUSION_DATA)."""
+from common.config import data_path, data_root
 
 GENDER = PRESETS["gender"].classes
 RACE = PRESETS["race"].classes
@@ -117,7 +113,7 @@ def mobilenet(num_logits: int) -> nn.Module:
 
 @dataclass(frozen=True)
 class Layout:
-    """A single-backbone checkpoint layout: logit count, heads, and the data.zip file (relative to DATA_DIR)."""
+    """A single-backbone checkpoint layout: logit count, heads, and the data.zip file (relative to the data folder)."""
 
     num_logits: int
     heads: tuple[Head, ...]
@@ -173,9 +169,9 @@ LAYOUTS: dict[str, Layout] = {
 EVAL_PARTS = {"gender": "eval-gender", "race": "eval-race", "age": "eval-age"}
 
 
-def default_path(layout: str) -> Path:
-    """Where the authors' checkpoint of `layout` lies once data.zip is unpacked."""
-    return DATA_DIR / LAYOUTS[layout].default_file
+def default_path(layout: str, data_dir: str | Path | None = None) -> Path:
+    """Where the authors' checkpoint of `layout` lies once data.zip is unpacked into the data folder."""
+    return data_root(data_dir) / LAYOUTS[layout].default_file
 
 
 def load_state(path: str | Path, layout: str) -> dict[str, torch.Tensor]:
@@ -185,9 +181,9 @@ def load_state(path: str | Path, layout: str) -> dict[str, torch.Tensor]:
         raise IsADirectoryError(f"classifier checkpoint {path} is a folder; expected the .pt file of layout '{layout}'")
     if not path.is_file():
         raise FileNotFoundError(
-            f"classifier checkpoint {path} not found: the '{layout}' layout's default is the authors' file from "
-            f"data.zip (unzip it into {DATA_DIR}, see data/README.md), or pass path= to a checkpoint of this layout "
-            "(e.g. one written by `python -m common.classifiers train`)."
+            f"classifier checkpoint {path} not found: layout '{layout}' expects the data.zip entry "
+            f"{LAYOUTS[layout].default_file} (unzip data.zip into the data folder, see data/README.md), or a checkpoint "
+            "of this layout given as the classifier path (e.g. one written by `python -m common.classifiers train`)."
         )
     sd = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
@@ -237,12 +233,21 @@ def list_classifiers() -> list[str]:
     return sorted(_CLASSIFIERS)
 
 
-def load_classifier(name: str, path=None, device="cpu", dtype=torch.float32, **kw) -> AttributeClassifier:
+def load_classifier(name: str, path=None, device="cpu", dtype=torch.float32, data_dir=None, **kw) -> AttributeClassifier:
     """A frozen classifier in eval mode by registry name; `path` overrides the data.zip default (for "eval": a
-    mapping {"gender": p, "race": p, "age": p}, missing keys taking their defaults). `input_size` (kw) changes the
-    crop size the backbone sees (224 for the authors' checkpoints)."""
+    mapping {"gender": p, "race": p, "age": p}, missing keys taking their defaults). Relative paths and the data.zip
+    defaults resolve against `data_root(data_dir)`. `input_size` (kw) changes the crop size the backbone sees (224 for
+    the authors' checkpoints)."""
     if name not in _CLASSIFIERS:
         raise KeyError(f"unknown classifier '{name}'; registered: {list_classifiers()}")
+    if isinstance(path, Mapping):
+        path = {a: data_path(p, data_dir) for a, p in path.items()}
+    elif path is not None:
+        path = data_path(path, data_dir)
+    elif name in LAYOUTS:
+        path = default_path(name, data_dir)
+    elif name == "eval":
+        path = {a: default_path(lay, data_dir) for a, lay in EVAL_PARTS.items()}
     factory = _CLASSIFIERS[name]
     if isinstance(factory, str):
         module, _, attr = factory.partition(":")
@@ -621,4 +626,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from common.runtime import cli
+
+    cli(main)

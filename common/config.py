@@ -20,6 +20,9 @@ from typing import Any, Literal
 
 import yaml
 
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+"""the default base model: the maintained hub copy of Stable Diffusion 1.5 (runwayml/... was taken down)"""
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the file, the key path and what is valid."""
@@ -32,7 +35,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    name: str = "runwayml/stable-diffusion-v1-5"
+    name: str = SD15
     """hub id, local diffusers folder, `toy` (the shipped toy world) or `tiny` (random SD-shaped weights, tests)"""
     dtype: Literal["fp32", "fp16", "bf16"] = "fp16"
     """dtype of the frozen weights; trainable tensors are always fp32"""
@@ -144,10 +147,14 @@ class SamplingConfig:
     """back-propagate only through the last K denoising steps"""
     dft_chunk: int = 8
     """(image, step) pairs per U-Net call in the fast form"""
+    decode_chunk: int = 2
+    """images per VAE decode, with and without gradient (a 512 px decode of a whole step's images does not fit one GPU)"""
 
     def __post_init__(self):
         if len(self.train_steps) != 2 or not 1 <= self.train_steps[0] <= self.train_steps[1]:
             raise ValueError(f"train_steps must be [min, max] with 1 <= min <= max, got {self.train_steps}")
+        if self.decode_chunk < 1:
+            raise ValueError(f"decode_chunk must be >= 1, got {self.decode_chunk}")
         if self.dft_last_k is not None and not 1 <= self.dft_last_k <= self.train_steps[0]:
             raise ValueError(f"dft_last_k must be in [1, train_steps[0] = {self.train_steps[0]}] or null (every step "
                              f"gets gradient), got {self.dft_last_k}")
@@ -173,6 +180,9 @@ class TrainConfig:
     validate_every: int = 200
     val_images_per_prompt: int = 32
     seed: int = 5991
+    allow_cpu: bool = False
+    """train a real model on the CPU when no usable CUDA is found (otherwise that stops at start); the toy world and
+    `tiny` models always may"""
 
     def __post_init__(self):
         for k in ("images_per_prompt", "prompts_per_step", "micro_batch", "max_steps"):
@@ -182,7 +192,9 @@ class TrainConfig:
 
 @dataclass
 class LoggingConfig:
-    backend: Literal["wandb", "tensorboard", "none"] = "tensorboard"
+    backend: Literal["wandb", "tensorboard", "csv", "none"] = "tensorboard"
+    """every backend also writes RUN_DIR/metrics.csv; `csv` (= `none`) writes only that; tensorboard logs to RUN_DIR/logs,
+    wandb to RUN_DIR/wandb (offline only when no credentials are found: no WANDB_API_KEY and no `wandb login`)"""
     project: str = "fair-diffusion"
     run_name: str | None = None
 
@@ -190,7 +202,9 @@ class LoggingConfig:
 @dataclass
 class PathsConfig:
     output_dir: str = "outputs/run"
-    data_dir: str = "data"
+    data_dir: str | None = None
+    """where every relative data path of the config (classifiers, face banks, face encoders, prompt files) is looked up:
+    null = $FAIR_DIFFUSION_DATA if set, else the repository's data/ (never the working directory)"""
 
 
 @dataclass
@@ -234,6 +248,26 @@ class Config:
 # ----------------------------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------------------------
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def data_root(data_dir: str | Path | None = None) -> Path:
+    """The data folder: `data_dir` when given (a relative one is taken from the repository root), else
+    $FAIR_DIFFUSION_DATA, else the repository's data/."""
+    import os
+
+    if data_dir is None:
+        data_dir = os.environ.get("FAIR_DIFFUSION_DATA") or REPO / "data"
+    p = Path(data_dir).expanduser()
+    return p if p.is_absolute() else REPO / p
+
+
+def data_path(path: str | Path, data_dir: str | Path | None = None) -> Path:
+    """A config's data path: absolute stays, relative resolves against `data_root(data_dir)`."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else data_root(data_dir) / p
 
 
 def _merge(base: dict, over: dict) -> dict:

@@ -565,7 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--target", action="append", metavar="NAME=P1,P2", help="override a target, e.g. age=0.75,0.25")
     ap.add_argument("--labels", nargs=2, default=["debiased", "original"], metavar=("IMAGES", "REFERENCE"))
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--device")
+    ap.add_argument("--device", help="default: cuda when available; cpu only with --cpu (or for synthetic judges)")
+    ap.add_argument("--cpu", action="store_true", help="allow real judges to run on the CPU when no usable CUDA is found")
     ap.add_argument("--no-grids", action="store_true")
     ap.add_argument("--grid-tile", type=int, default=256, help="tile side in the grids (px)")
     ap.add_argument("--grid-order", choices=["class", "index"], default="class")
@@ -574,13 +575,24 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+SYNTHETIC_JUDGES = {"toy", "random-fairface8", "tiny-clip", "tiny-dino"}
+"""judges built in the process (the toy world's, random ones for tests): CPU-sized, so they need no --cpu"""
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
+    from common.runtime import enable_tf32, require_device
+
     args = build_parser().parse_args(argv)
+    judges = {args.classifier, *(args.image_encoders if args.reference else ())}
+    names = "judges " + ", ".join(sorted(judges))
+    args.device = require_device(names, args.cpu or judges <= SYNTHETIC_JUDGES, "pass --cpu (or --device cpu)",
+                                 args.device)
+    enable_tf32()
     prompts = None
     if args.prompts:
         from common.prompts import load_prompts
 
-        prompts = load_prompts(args.prompts)
+        prompts = load_prompts(args.prompts, cwd=True)
     report = evaluate(
         args.images, args.out, classifier=args.classifier, classifier_path=_parse_classifier_path(args.classifier_path),
         detector=args.detector, reference_dir=args.reference, prompts=prompts, clip_model=args.clip_model,
@@ -594,4 +606,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from common.runtime import cli
+
+    cli(main)

@@ -14,7 +14,6 @@ import argparse
 import csv
 import json
 import re
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -179,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      help="the authors' released files, or folders holding them")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest checkpoint of either kind)")
     p.add_argument("--no-ema", action="store_true", help="export the current weights instead of the EMA")
-    p.add_argument("--model", help="base model of --from-released (default: runwayml/stable-diffusion-v1-5)")
+    p.add_argument("--model", help="base model of --from-released (default: stable-diffusion-v1-5/stable-diffusion-v1-5)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     a = p.parse_args(argv)
     if a.run is not None:
@@ -199,7 +198,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (FileNotFoundError, ValueError) as e:  # bad paths, configs, checkpoints: one clear line, no traceback
-        sys.exit(f"python -m common.export: error: {e}")
+    from common.runtime import cli
+
+    cli(main)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.classifiers import DATA_DIR
+from common.config import data_path, data_root
 
 CLIP_ID = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 DINO_ID = "facebook/dinov2-base"
@@ -229,8 +229,9 @@ def load_sfnet20_state(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"SFNet-20 face-ID weights {path} not found: they come from the authors' data.zip (unzip it into "
-            f"{DATA_DIR}, see data/README.md); or use the 'facenet' face encoder instead (with a matching face bank)."
+            f"SFNet-20 face-ID weights {path} not found: expected the data.zip entry {SFNET20_FILE} (unzip data.zip "
+            "into the data folder, see data/README.md); or use the 'facenet' face encoder instead (with a matching "
+            "face bank)."
         )
     sd = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -255,7 +256,7 @@ def _check_opensphere_config(weights: Path) -> None:
 
 
 def _sfnet20(path=None) -> FaceEncoder:
-    p = Path(path) if path is not None else DATA_DIR / SFNET20_FILE
+    p = Path(path) if path is not None else data_root() / SFNET20_FILE
     sd = load_sfnet20_state(p)
     _check_opensphere_config(p)
     net = SFNet20()
@@ -361,9 +362,14 @@ def load_image_encoder(name: str, path=None, device="cpu", dtype=torch.float32, 
     return enc
 
 
-def load_face_encoder(name: str, path=None, device="cpu", dtype=torch.float32, **kw) -> nn.Module:
+def load_face_encoder(name: str, path=None, device="cpu", dtype=torch.float32, data_dir=None, **kw) -> nn.Module:
     """Frozen face-identity encoder: (aligned [N, 3, 112, 112] in [-1, 1]) -> [N, 512] normalize(f(x) + f(flip x)).
-    Names: facenet (VGGFace2), facenet-random (tests), sfnet20 (data.zip OpenSphere backbone), toy."""
+    Names: facenet (VGGFace2), facenet-random (tests), sfnet20 (data.zip OpenSphere backbone), toy. A relative `path`
+    and sfnet20's data.zip default resolve against `data_root(data_dir)`."""
+    if path is not None:
+        path = data_path(path, data_dir)
+    elif name == "sfnet20":
+        path = data_root(data_dir) / SFNET20_FILE
     return _load(_FACE_ENCODERS, "face encoder", name, path, device, dtype, kw)
 
 
@@ -431,8 +437,8 @@ class FaceBank:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(
-                f"face bank {path} not found: use data.zip's 3-face-features/*/face_feats.pkl (with the sfnet20 "
-                "encoder) or build one with `python -m common.features build-bank --images DIR --out FILE`."
+                f"face bank {path} not found: expected a data.zip entry 3-face-features/*/face_feats.pkl (with the "
+                "sfnet20 encoder) or a bank built with `python -m common.features build-bank --images DIR --out FILE`."
             )
         if path.suffix == ".pkl":
             with path.open("rb") as fh:
@@ -543,4 +549,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from common.runtime import cli
+
+    cli(main)

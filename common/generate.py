@@ -1,6 +1,6 @@
 """Generate test images from a base model, optionally with debiasing adapters, reproducibly and resumably.
 
-    python -m common.generate --model runwayml/stable-diffusion-v1-5 --lora outputs/exp-3/export \
+    python -m common.generate --model stable-diffusion-v1-5/stable-diffusion-v1-5 --lora outputs/exp-3/export \
         --prompts occupation.json:test --images-per-prompt 160 --out outputs/exp-3/images
 
 Noise: image j of a prompt starts from `torch.randn(latent_shape, generator=manual_seed(stable_seed(prompt, j, seed)))`
@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from common.config import SD15
 from common.plots import to_pil
 
 DEFAULT_SEED = 1997
@@ -293,7 +294,7 @@ def default_device() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m common.generate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="runwayml/stable-diffusion-v1-5",
+    ap.add_argument("--model", default=SD15,
                     help="hub id, local diffusers folder, 'toy' or 'tiny'")
     src = ap.add_argument_group("debiasing weights (at most one; none = the original model)")
     src.add_argument("--lora", help="folder or file from `python -m common.export` (LoRA and/or prefix tokens)")
@@ -313,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default fp16 on GPU, fp32 on CPU)")
     ap.add_argument("--format", choices=FORMATS, default="png")
     ap.add_argument("--image-size", type=int, help="default: the model's native size (512 for SD 1.5)")
-    ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    ap.add_argument("--device", default=None, help="default: cuda when available; cpu only with --cpu (or for toy/tiny)")
+    ap.add_argument("--cpu", action="store_true", help="allow a real model to run on the CPU when no usable CUDA is found")
     ap.add_argument("--limit-prompts", type=int, help="only the first N prompts (quick checks)")
     return ap
 
@@ -321,11 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict:
     from common.models import load_components
     from common.prompts import load_prompt_sets
+    from common.runtime import enable_tf32, require_device
 
     args = build_parser().parse_args(argv)
-    device = args.device or default_device()
+    device = require_device(args.model, args.cpu, "pass --cpu (or --device cpu)", args.device)
+    enable_tf32()
     dtype = DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")]
-    prompts = load_prompt_sets(args.prompts)[: args.limit_prompts or None]
+    prompts = load_prompt_sets(args.prompts, cwd=True)[: args.limit_prompts or None]
     # fail fast, before loading the model, on the settings known already (the rest is checked when writing)
     check_manifest(args.out, {"model": args.model, "prompts": prompts, "steps": args.steps,
                               "guidance": args.guidance, "seed": args.seed})
@@ -342,4 +346,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from common.runtime import cli
+
+    cli(main)

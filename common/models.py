@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-SD15 = "runwayml/stable-diffusion-v1-5"
+from common.config import SD15  # noqa: F401 - re-exported: the default base model
 
 # SD 1.x noise schedule (Appendix A of the reference notes).
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -221,6 +221,9 @@ def load_components(model: str = SD15, dtype=torch.float32, device="cpu", text_e
 
     `text_encoder_dtype` overrides `dtype` for the text encoder (exp-2 keeps it in fp32).
     """
+    from common.runtime import quiet_libraries
+
+    quiet_libraries()
     if model == "toy":
         from common.toy.models import load_toy_components
 

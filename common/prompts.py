@@ -1,7 +1,9 @@
 """Prompt sets: `FILE:SPLIT[*REPEAT]` specs resolved to lists of complete prompts.
 
-FILE is a JSON in the authors' layout (data.zip `1-prompts/`), looked up in `data/1-prompts/` first (so an unpacked
-data.zip wins) and then in the project's own `data/prompts/`; an explicit path also works. A `.txt` file holds one
+FILE is a JSON in the authors' layout (data.zip `1-prompts/`), looked up in the data folder (`paths.data_dir`, see
+`common.config.data_root`): its `1-prompts/` first (so an unpacked data.zip wins), then the project's own `prompts/`,
+then the data folder itself; an absolute path is taken as is, and a command line's path relative to the working
+directory is too (`cwd=True`), never a config's. A `.txt` file holds one
 prompt per line. SPLIT is `train`, `val` or `test`, or any key of the file holding a list of prompts. `toy:SPLIT` names
 the toy world's prompts (`train`, `heldout`).
 """
@@ -19,18 +21,23 @@ SPLITS = {
 }
 
 
-def resolve_file(name: str, data_dir: str | Path = "data") -> Path:
-    """Find a prompt file: an existing path, else data/1-prompts/NAME, else data/prompts/NAME."""
-    p = Path(name)
-    if p.is_file():
-        return p
-    data = Path(data_dir)
-    for cand in (data / "1-prompts" / name, data / "prompts" / name):
+def resolve_file(name: str, data_dir: str | Path | None = None, cwd: bool = False) -> Path:
+    """Find a prompt file: an absolute path (or, with `cwd`, a path from the working directory), else
+    DATA/1-prompts/NAME, DATA/prompts/NAME, DATA/NAME with DATA = `data_root(data_dir)`."""
+    from common.config import data_root
+
+    p = Path(name).expanduser()
+    if p.is_absolute() or (cwd and p.is_file()):
+        if p.is_file():
+            return p.resolve()
+        raise FileNotFoundError(f"prompt file {p} not found")
+    data = data_root(data_dir)
+    tried = (data / "1-prompts" / name, data / "prompts" / name, data / name)
+    for cand in tried:
         if cand.is_file():
             return cand
-    raise FileNotFoundError(
-        f"prompt file '{name}' not found as a path, in {data / '1-prompts'} (the authors' data.zip) or in {data / 'prompts'}"
-    )
+    raise FileNotFoundError(f"prompt file '{name}' not found: tried {', '.join(map(str, tried))} (the first is where "
+                            f"the data.zip entry 1-prompts/{name} unpacks)")
 
 
 def _from_json(path: Path, split: str) -> list[str]:
@@ -52,7 +59,7 @@ def _from_json(path: Path, split: str) -> list[str]:
     raise KeyError(f"{path}: no prompts for split '{split}'; list-valued keys in the file: {keys}")
 
 
-def load_prompts(spec: str, data_dir: str | Path = "data") -> list[str]:
+def load_prompts(spec: str, data_dir: str | Path | None = None, cwd: bool = False) -> list[str]:
     """Prompts of one `FILE:SPLIT[*REPEAT]` spec (REPEAT oversamples a small set, as exp-5's mixing)."""
     repeat = 1
     if "*" in spec:
@@ -70,7 +77,7 @@ def load_prompts(spec: str, data_dir: str | Path = "data") -> list[str]:
             raise KeyError(f"prompt spec '{spec}': the toy world's splits are {sorted(splits)}")
         prompts = [world.prompt(o) for o in splits[split]]
     else:
-        path = resolve_file(name, data_dir)
+        path = resolve_file(name, data_dir, cwd)
         if path.suffix == ".txt":
             prompts = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
         else:
@@ -80,9 +87,10 @@ def load_prompts(spec: str, data_dir: str | Path = "data") -> list[str]:
     return prompts * repeat
 
 
-def load_prompt_sets(specs: list[str], data_dir: str | Path = "data", limit: int | None = None) -> list[str]:
+def load_prompt_sets(specs: list[str], data_dir: str | Path | None = None, limit: int | None = None,
+                     cwd: bool = False) -> list[str]:
     """Concatenate several specs; `limit` keeps the first N prompts of each."""
     out: list[str] = []
     for s in specs:
-        out += load_prompts(s, data_dir)[: limit or None]
+        out += load_prompts(s, data_dir, cwd)[: limit or None]
     return out

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.config import SD15
 from common.generate import DEFAULT_SEED, DTYPES
 
 TEMPLATE = "a photo of the face of a {occupation}, a person"
@@ -188,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--released", nargs="+", metavar="PATH", help="the authors' exported .pth files or their folder")
     src.add_argument("--lora", help="folder from `python -m common.export` (LoRA and/or prefix tokens)")
     src.add_argument("--no-ema", action="store_true", help="with --released folders: the non-EMA files")
-    ap.add_argument("--model", default="runwayml/stable-diffusion-v1-5")
+    ap.add_argument("--model", default=SD15)
     ap.add_argument("--prompts", default="occupation.json:test", help="FILE[:SPLIT] (default the 50 test occupations)")
     ap.add_argument("--limit-prompts", type=int, help="only the first N prompts (quick checks)")
     ap.add_argument("--images-per-prompt", type=int, help="default: the authors' count (60 / 80 / 160)")
@@ -198,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=10)
     ap.add_argument("--seed", type=int, default=DEFAULT_SEED)
     ap.add_argument("--dtype", choices=sorted(DTYPES))
+    ap.add_argument("--cpu", action="store_true", help="allow a real model to run on the CPU when no usable CUDA is found")
     ap.add_argument("--image-size", type=int)
     ap.add_argument("--device")
     ap.add_argument("--classifier", default="eval", help="evaluation classifier (the authors' three test heads)")
@@ -212,29 +214,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    import torch
 
     from common.adapters import adapters_disabled
     from common.evaluate import _parse_classifier_path, evaluate, load_judges
     from common.generate import generate_to_dir, load_adapters
     from common.models import load_components
     from common.prompts import load_prompts
+    from common.runtime import UsageError, enable_tf32, require_device
 
     args = build_parser().parse_args(argv)
     exp = EXPERIMENTS[args.experiment]
     variant = args.variant or exp.variants[0]
     if variant not in exp.variants:
-        raise SystemExit(f"--variant {variant}: {args.experiment} has the variants {', '.join(exp.variants)}")
+        raise UsageError(f"--variant {variant}: {args.experiment} has the variants {', '.join(exp.variants)}")
     if not (args.released or args.lora):
-        raise SystemExit(
+        raise UsageError(
             f"no debiased weights: pass --released PATH (the authors' exported {args.experiment} {variant} files, e.g. "
             "text_encoder_lora_EMA.pth) or --lora DIR (from `python -m common.export --run RUN_DIR --out DIR`)"
         )
     out = Path(args.out or f"outputs/reproduce/{args.experiment}-{variant}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = require_device(args.model, args.cpu, "pass --cpu (or --device cpu)", args.device)
+    enable_tf32()
     dtype = DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")]
     n = args.images_per_prompt or exp.images_per_prompt
-    prompts = load_prompts(args.prompts)[: args.limit_prompts or None]
+    prompts = load_prompts(args.prompts, cwd=True)[: args.limit_prompts or None]
 
     # judges first: a missing weight file fails before the long generation
     ckw = {"input_size": args.classifier_input_size} if args.classifier_input_size else None
@@ -262,4 +265,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from common.runtime import cli
+
+    cli(main)

@@ -249,6 +249,7 @@ def sample(
     decode: bool = True,
     batch_size: int | None = None,
     progress: bool = False,
+    decode_chunk: int | None = None,
 ) -> Rollout:
     """Generate without gradient: noise `[B, 4, h, w]` -> `Rollout` (images `[B, 3, H, W]` in [-1, 1]).
 
@@ -256,7 +257,8 @@ def sample(
     `noise * init_noise_sigma`; CFG runs `[uncond; cond]` through one U-Net call and combines in fp32; the scheduler
     state stays fp32 while the U-Net may be fp16/bf16. `prompts` may be a pre-computed `Conditioning` (e.g.
     `Conditioning.cat([finetuned, original])` with the noise repeated, so two models sharing the U-Net roll out
-    together). `batch_size` bounds how many images go through the U-Net at once (None: all). `progress` shows a bar.
+    together). `batch_size` bounds how many images go through the U-Net at once (None: all); `decode_chunk` how many
+    go through one VAE decode (None: as many as `batch_size`). `progress` shows a bar.
     """
     cond = prompts if isinstance(prompts, Conditioning) else encode_prompts(components, prompts, conditioning)
     _check_noise(components, noise, len(cond))
@@ -266,6 +268,8 @@ def sample(
     bs = n if batch_size is None else int(batch_size)
     if bs < 1:
         raise ValueError(f"batch_size must be >= 1 or None; got {batch_size}.")
+    if decode_chunk is not None and decode_chunk < 1:
+        raise ValueError(f"decode_chunk must be >= 1 or None; got {decode_chunk}.")
     bar = tqdm(total=steps * math.ceil(n / bs), desc="sampling", disable=not progress, leave=False)
     finals, trajs, images = [], [], []
     for start in range(0, n, bs):
@@ -274,7 +278,8 @@ def sample(
         finals.append(z)
         trajs.append(traj)
         if decode:
-            images.append(_decode(components, z))
+            dc = len(z) if decode_chunk is None else int(decode_chunk)
+            images += [_decode(components, z[i : i + dc]) for i in range(0, len(z), dc)]
     bar.close()
     trajectory = None
     if return_trajectory:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from common import adapters as ad
 from common.alignment import assign, expected_targets
-from common.config import Config, add_config_args, load_config, save_config
+from common.config import Config, add_config_args, data_path, load_config, save_config
 from common.losses import FairnessLoss, LossWeights, judge, kept_classes, kept_share
 from common.models import load_components
 from common.prompts import load_prompt_sets
@@ -80,10 +80,13 @@ class RunLogger:
         self.path = run_dir / "metrics.csv"
         if self.main and not self.path.exists():
             self.path.write_text("step,key,value\n")
-        self.tracking = cfg.logging.backend != "none"
+        self.tracking = _tracker(cfg) is not None
         if self.tracking:
-            if cfg.logging.backend == "wandb" and not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
+            if cfg.logging.backend == "wandb" and "WANDB_MODE" not in os.environ and not wandb_credentials():
                 os.environ["WANDB_MODE"] = "offline"  # no credentials: log locally, sync later with `wandb sync`
+                if self.main:
+                    print(f"[train] wandb: no WANDB_API_KEY and no `wandb login` entry found: logging offline to "
+                          f"{run_dir / 'wandb'} (upload later with `wandb sync`)")
             accelerator.init_trackers(cfg.logging.project, config=_flat(cfg.to_dict()),
                                       init_kwargs={"wandb": {"name": cfg.logging.run_name or run_dir.name,
                                                              "dir": str(run_dir)}} if cfg.logging.backend == "wandb" else {})
@@ -101,6 +104,28 @@ class RunLogger:
     def close(self):
         if self.tracking:
             self.acc.end_training()
+
+
+def wandb_credentials() -> bool:
+    """True when wandb can authenticate: WANDB_API_KEY, or the netrc entry `wandb login` writes ($NETRC, ~/.netrc or
+    ~/_netrc) for the wandb host ($WANDB_BASE_URL, default api.wandb.ai)."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+    env = os.environ.get("NETRC")
+    files = [Path(env).expanduser()] if env else [Path("~/.netrc").expanduser(), Path("~/_netrc").expanduser()]
+    for f in files:
+        if f.is_file():
+            try:
+                entry = netrc.netrc(str(f)).authenticators(host)
+            except (netrc.NetrcParseError, OSError):
+                continue
+            if entry and entry[2]:
+                return True
+    return False
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -124,16 +149,26 @@ class Trainer:
 
     def __init__(self, cfg: Config, accelerator=None, resume: str | None = None):
         from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        from common.runtime import enable_tf32, quiet_libraries, require_device
 
         self.cfg = cfg
-        self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(), log_with=_tracker(cfg))
+        self.run_dir = Path(cfg.paths.output_dir)
+        quiet_libraries()
+        enable_tf32()
+        if accelerator is None:
+            device = require_device(cfg.model.name, cfg.train.allow_cpu,
+                                    "set train.allow_cpu: true in the config (or --set train.allow_cpu=true)")
+            project = ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs"))
+            accelerator = Accelerator(cpu=device == "cpu", log_with=_tracker(cfg), project_config=project)
+        self.acc = accelerator
         self.device = self.acc.device
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         gipp = cfg.train.images_per_prompt
         if gipp % self.world:
             raise ValueError(f"train.images_per_prompt = {gipp} must be divisible by the number of processes ({self.world})")
         self.n_local = gipp // self.world
-        self.run_dir = Path(cfg.paths.output_dir)
         dtype = DTYPES[cfg.model.dtype]
         if self.device.type == "cpu" and dtype != torch.float32:
             self.acc.print(f"[train] model.dtype={cfg.model.dtype} on CPU: running the frozen weights in fp32 instead "
@@ -171,11 +206,13 @@ class Trainer:
         self.heads = {a.name: cfg.attributes[a.name].head or a.name for a in self.attrs}
         self.keep_heads = {h: h for h in cfg.loss.keep}  # classifier outputs kept image by image (not debiased)
         self.judge_heads = {**self.heads, **self.keep_heads}
-        self.classifier = load_classifier(j.classifier, j.classifier_path, device=self.device, dtype=dtype)
+        data = cfg.paths.data_dir
+        self.classifier = load_classifier(j.classifier, j.classifier_path, device=self.device, dtype=dtype, data_dir=data)
         self.detector = get_detector(j.detector)  # runs on the images' device
         self.encoders = [load_image_encoder(n, device=self.device, dtype=dtype) for n in j.features]
-        self.face_encoder = load_face_encoder(j.face_encoder, device=self.device, dtype=dtype) if j.face_encoder else None
-        self.face_bank = FaceBank.load(j.face_bank).to(self.device) if j.face_bank else None
+        self.face_encoder = (load_face_encoder(j.face_encoder, device=self.device, dtype=dtype, data_dir=data)
+                             if j.face_encoder else None)
+        self.face_bank = FaceBank.load(data_path(j.face_bank, data)).to(self.device) if j.face_bank else None
         lw = cfg.loss
         self.weights = LossWeights(
             w_img=lw.w_img, w_face=lw.w_face,
@@ -207,7 +244,8 @@ class Trainer:
 
     def _rollouts(self, prompts: list[str], noise: torch.Tensor, steps: int, trajectory: bool):
         """No-grad rollouts of the finetuned and the original model from the same noise -> (finetuned, original)."""
-        kw = dict(guidance=self.cfg.sampling.guidance, conditioning=self.conditioning)
+        kw = dict(guidance=self.cfg.sampling.guidance, conditioning=self.conditioning,
+                  decode_chunk=self.cfg.sampling.decode_chunk)
         n = noise.shape[0]
         if self.unet_shared:
             cond_ft = encode_prompts(self.comps, prompts, self.conditioning)
@@ -294,6 +332,7 @@ class Trainer:
                                (f"targets_{a.name}", float((targets[a.name] >= 0).float().mean()))):
                     out[key] = out.get(key, 0.0) + v / n_prompts
         out.update({k: v / (self.n_local * n_prompts) for k, v in term_logs.items()})
+        self._mean_over_ranks(out, ["loss", *term_logs])
         out["lora_norm"] = float(torch.stack([p.detach().norm() for p in self.params.values()]).mean())
         return out
 
@@ -337,11 +376,22 @@ class Trainer:
                 self.comps, prompts[: len(idx)], noise[idx], steps, fn, mode=mode,
                 rollout=ft.slice(idx) if mode == "fast" else None, guidance=cfg.sampling.guidance,
                 conditioning=self.conditioning, last_k=cfg.sampling.dft_last_k, chunk=cfg.sampling.dft_chunk,
+                decode_chunk=cfg.sampling.decode_chunk,
             )
             total += float(loss)
             for k, v in logs_mb.items():
                 term_logs[k] = term_logs.get(k, 0.0) + v
         return total, term_logs, glob, targets
+
+    def _mean_over_ranks(self, logs: dict[str, float], keys: list[str]) -> None:
+        """Replace the per-process values of `keys` (the loss and its terms) by their mean over the processes, in
+        place, with one all-reduce; the other logs are already computed on the gathered batch."""
+        if self.world <= 1:
+            return
+        v = torch.tensor([float(logs[k]) for k in keys], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(v)
+        for k, x in zip(keys, (v / self.world).tolist()):
+            logs[k] = x
 
     def _all_reduce_grads(self) -> bool:
         """Average the gradients over processes as ONE flat buffer; True when every entry is finite on every rank
@@ -370,7 +420,7 @@ class Trainer:
         cfg = self.cfg
         per = max(1, cfg.train.val_images_per_prompt // self.world)
         steps = cfg.sampling.val_steps
-        kw = dict(guidance=cfg.sampling.guidance, conditioning=self.conditioning)
+        kw = dict(guidance=cfg.sampling.guidance, conditioning=self.conditioning, decode_chunk=cfg.sampling.decode_chunk)
         out: dict[str, float] = {}
         val_dir = self.run_dir / "val"
         if self._val_orig_cache is None:  # the original model never changes: sample and judge it once
@@ -454,7 +504,7 @@ class Trainer:
             if not (path / f).is_file():
                 raise FileNotFoundError(f"{path} is not a complete checkpoint: {f} is missing")
         ad.load_trainable_state_dict(self.comps, load_file(str(path / "trainable.safetensors")))
-        extra = torch.load(path / "optimizer.pt", weights_only=True)
+        extra = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True)
         self.opt.load_state_dict(extra["optimizer"])
         self.ema.load_state_dict({**extra["ema"], "shadow": load_file(str(path / "ema.safetensors"))})
         state = json.loads((path / "state.json").read_text())
@@ -512,7 +562,7 @@ class _null:
 
 
 def _tracker(cfg: Config):
-    return None if cfg.logging.backend == "none" else cfg.logging.backend
+    return None if cfg.logging.backend in ("none", "csv") else cfg.logging.backend
 
 
 def _rng_state() -> dict:
@@ -540,4 +590,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from common.runtime import cli
+
+    cli(main)

@@ -3,6 +3,7 @@
 #   scripts/experiment.sh ACTION EXP_DIR VARIANT [extra args...]
 # ACTION: train | export | generate | evaluate. VARIANT: text-encoder | unet | text-encoder-and-unet | token | toy.
 # NUM_GPUS=N (default 1) trains with N processes through `accelerate launch`; train.images_per_prompt is GLOBAL.
+# OUTPUT_DIR=DIR replaces the config's paths.output_dir for every action (train, export, generate, evaluate alike).
 set -euo pipefail
 action=$1; exp_dir=$(cd "$2" && pwd); variant=$3; shift 3
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -15,29 +16,44 @@ if [ ! -f "$cfg" ]; then
   exit 2
 fi
 # the few config values the shell needs, read through the project's own config loader
-read -r out model prompts n_img classifier detector < <("$PY" -c "
-from common.config import load_config
-c = load_config('$cfg')
-print(c.paths.output_dir, c.model.name, ','.join(c.prompts.test), c.sampling.test_images_per_prompt,
-      c.judges.eval_classifier, c.judges.detector)")
+# (a config error is one sentence and exit code 2, as from every tool)
+vals=$("$PY" -c "
+import sys
+from common.config import ConfigError, data_root, load_config
+try:
+    c = load_config(sys.argv[1])
+except ConfigError as e:
+    sys.exit(print('error:', e, file=sys.stderr) or 2)
+s = c.sampling
+print(c.paths.output_dir, c.model.name, ','.join(c.prompts.test), s.test_images_per_prompt, c.judges.eval_classifier,
+      c.judges.detector, ','.join(c.judges.features) or '-', s.test_steps, s.guidance, s.image_size, data_root(c.paths.data_dir))
+" "$cfg") || exit $?
+read -r out model prompts n_img classifier detector features steps guidance size data <<< "$vals"
+set_out=()
+if [ -n "${OUTPUT_DIR:-}" ]; then out=$OUTPUT_DIR; set_out=(--set "paths.output_dir=$out"); fi
+# every tool resolves data paths against the config's data folder
+export FAIR_DIFFUSION_DATA=$data
+gen=(--steps "$steps" --guidance "$guidance" --image-size "$size")
+encoders=(--image-encoders); [ "$features" = - ] || encoders+=(${features//,/ })
 case $action in
   train)
     n=${NUM_GPUS:-1}
     if [ "$n" -gt 1 ]; then
       exec "$PY" -m accelerate.commands.launch --config_file "$exp_dir/configs/accelerate-multi-gpu.yaml" \
-        --num_processes "$n" -m common.train --config "$cfg" "$@"
+        --num_processes "$n" -m common.train --config "$cfg" "${set_out[@]}" "$@"
     fi
-    exec "$PY" -m common.train --config "$cfg" "$@" ;;
+    exec "$PY" -m common.train --config "$cfg" "${set_out[@]}" "$@" ;;
   export)
     exec "$PY" -m common.export --run "$out" --out "$out/export" "$@" ;;
   generate)
     args=()
     for p in ${prompts//,/ }; do args+=(--prompts "$p"); done
-    "$PY" -m common.generate --model "$model" "${args[@]}" --images-per-prompt "$n_img" --out "$out/images/original" "$@"
+    "$PY" -m common.generate --model "$model" "${args[@]}" --images-per-prompt "$n_img" "${gen[@]}" \
+      --out "$out/images/original" "$@"
     exec "$PY" -m common.generate --model "$model" --lora "$out/export" "${args[@]}" --images-per-prompt "$n_img" \
-      --out "$out/images/debiased" "$@" ;;
+      "${gen[@]}" --out "$out/images/debiased" "$@" ;;
   evaluate)
     exec "$PY" -m common.evaluate --images "$out/images/debiased" --reference "$out/images/original" \
-      --classifiers "$classifier" --detector "$detector" --out "$out/eval" "$@" ;;
+      --classifiers "$classifier" --detector "$detector" "${encoders[@]}" --out "$out/eval" "$@" ;;
   *) echo "error: unknown action '$action' (train | export | generate | evaluate)" >&2; exit 2 ;;
 esac

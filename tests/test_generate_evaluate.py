@@ -190,5 +190,7 @@ def test_reproduce_prints_table_beside_published_numbers(tmp_path, capsys):
     assert "not available" in table and "| dino |" in table
     assert (tmp_path / "rep" / "reproduce.md").read_text() == table
     assert "exp-3" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="no debiased weights"):
+    from common.runtime import UsageError
+
+    with pytest.raises(UsageError, match="no debiased weights"):
         R.main(["--experiment", "exp-3", "--model", "tiny"])
