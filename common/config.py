@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-"""the default base model: the maintained hub copy of Stable Diffusion 1.5 (runwayml/... was taken down)"""
+"""the default base model: the maintained hub copy of Stable Diffusion 1.5 (the original repository was taken down)"""
 
 
 class ConfigError(ValueError):

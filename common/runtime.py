@@ -90,8 +90,8 @@ def quiet_libraries() -> None:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from common.config import ConfigError
 
-    errors: list[type[BaseException]] = [ConfigError, DeviceError, UsageError, KeyError, FileNotFoundError, NotADirectoryError,
-                                         IsADirectoryError]
+    # OSError covers missing files and folders, and the loaders' "could not load <hub id>" sentences
+    errors: list[type[BaseException]] = [ConfigError, DeviceError, UsageError, KeyError, OSError]
     try:
         from common.adapters import CheckpointError
 

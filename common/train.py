@@ -334,6 +334,8 @@ class Trainer:
         out.update({k: v / (self.n_local * n_prompts) for k, v in term_logs.items()})
         self._mean_over_ranks(out, ["loss", *term_logs])
         out["lora_norm"] = float(torch.stack([p.detach().norm() for p in self.params.values()]).mean())
+        if self.device.type == "cuda":  # this process's peak since start, for `make dryrun DEVICE=cuda`'s table
+            out["gpu_peak_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return out
 
     def _accumulate(self, prompt: str, j: int, steps: int, denominator: int):

@@ -32,7 +32,7 @@ def _write_ckpt(path, num_logits, bias, seed=0):
 
 @pytest.fixture
 def data_dir(tmp_path, monkeypatch):
-    monkeypatch.setattr(cl, "DATA_DIR", tmp_path)
+    monkeypatch.setenv("FAIR_DIFFUSION_DATA", str(tmp_path))
     return tmp_path
 
 

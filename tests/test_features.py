@@ -135,7 +135,7 @@ def test_sfnet20_layout_load_and_output(tmp_path, monkeypatch):
     assert len(sd) == 4 * 2 + 8 * 4 + 2
     assert sd["layer1.0.conv1.weight"].shape == (64, 3, 3, 3) and sd["layer4.1.conv2.weight"].shape == (512, 512, 3, 3)
     assert sd["layer3.4.conv1.bias"].shape == (256,) and sd["fc.weight"].shape == (512, 512 * 7 * 7)
-    monkeypatch.setattr(fe, "DATA_DIR", tmp_path)
+    monkeypatch.setenv("FAIR_DIFFUSION_DATA", str(tmp_path))
     path = tmp_path / fe.SFNET20_FILE
     path.parent.mkdir(parents=True)
     torch.save({f"module.{k}": v for k, v in sd.items()}, path)
@@ -162,7 +162,7 @@ def test_sfnet20_layout_load_and_output(tmp_path, monkeypatch):
 
 
 def test_sfnet20_missing_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(fe, "DATA_DIR", tmp_path)
+    monkeypatch.setenv("FAIR_DIFFUSION_DATA", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="data.zip"):
         fe.load_face_encoder("sfnet20")
 

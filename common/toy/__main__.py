@@ -63,29 +63,28 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     a = p.parse_args(argv)
 
+    from common.runtime import UsageError
+
     if a.cmd == "build":
         from common.toy.build import DEFAULT_OUT, build, config_from_args
 
         overrides = {}
         for kv in a.set:
             if "=" not in kv:
-                p.error(f"--set expects KEY=VALUE, got '{kv}'")
+                raise UsageError(f"--set expects KEY=VALUE, got '{kv}'")
             k, v = kv.split("=", 1)
             overrides[k] = v
         if a.threads is not None:
             overrides["threads"] = a.threads
-        try:
-            cfg = config_from_args(a.seed, a.quick, overrides)
-        except (KeyError, ValueError) as e:
-            p.error(str(e).strip('"'))
+        cfg = config_from_args(a.seed, a.quick, overrides)  # a bad setting: ConfigError / KeyError, one sentence
         out = a.out or DEFAULT_OUT
         t0 = time.time()
         if a.reuse is not None and not (a.reuse / "manifest.json").is_file():
-            p.error(f"--reuse {a.reuse}: no manifest.json there (expected the folder of a previous toy build)")
+            raise UsageError(f"--reuse {a.reuse}: no manifest.json there (expected the folder of a previous toy build)")
         try:
             manifest = build(out, cfg, reuse=a.reuse)
         except ValueError as e:  # --reuse of a build with other settings or world version
-            p.error(str(e))
+            raise UsageError(str(e)) from None
         print(_summary(manifest, Path(out)))
         print(f"({time.time() - t0:.0f} s)")
     else:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from common.config import ConfigError
 from common.models import CLIP_TOKENS
 from common.toy.degrade import KINDS, degrade, mild, random_degrade
 from common.toy.nets import VALID_LOGIT, ToyClassifier, ToyImageEncoder
@@ -649,8 +650,8 @@ def config_from_args(seed: int, quick: bool, overrides: dict) -> BuildConfig:
         try:
             setattr(cfg, k, kind(v))
         except ValueError:
-            raise ValueError(f"build setting '{k}': '{v}' is not a valid {kind.__name__}") from None
+            raise ConfigError(f"build setting '{k}': '{v}' is not a valid {kind.__name__}") from None
     if cfg.encoder_move < 0:
-        raise ValueError(f"build setting 'encoder_move': {cfg.encoder_move} is negative; expected a distance in pixels "
+        raise ConfigError(f"build setting 'encoder_move': {cfg.encoder_move} is negative; expected a distance in pixels "
                          f">= 0 (0 = positives not moved)")
     return cfg
