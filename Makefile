@@ -4,7 +4,8 @@ STAMP   := .venv/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast lint bench toy clean
+.PHONY: setup demo test test-fast lint bench dryrun toy clean
+DEVICE  ?= cpu
 
 setup: $(STAMP)
 
@@ -30,6 +31,10 @@ lint: setup
 
 bench: setup
 	$(PY) -m scripts.bench --out outputs/bench/summary.json
+
+# true-size random-weight stand-ins through every experiment's scripts (DEVICE=cuda: 512 px, the configs' sizes)
+dryrun: setup
+	$(PY) -m scripts.dryrun --device $(DEVICE) --out outputs/dryrun/summary-$(DEVICE).json
 
 toy: setup
 	$(PY) -m common.toy build

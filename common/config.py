@@ -37,8 +37,9 @@ class ConfigError(ValueError):
 class ModelConfig:
     name: str = SD15
     """hub id, local diffusers folder, `toy` (the shipped toy world) or `tiny` (random SD-shaped weights, tests)"""
-    dtype: Literal["fp32", "fp16", "bf16"] = "fp16"
-    """dtype of the frozen weights; trainable tensors are always fp32"""
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    """dtype of the frozen weights; trainable tensors are always fp32. auto = bf16 on a GPU that supports it, else
+    fp16 (the fast-DFT gradient in fp16 is far from fp32's unless the loss is scaled: docs/real-path.md)"""
     text_encoder_dtype: Literal["fp32", "fp16", "bf16"] | None = None
     """override for the text encoder (exp-2 keeps it in fp32); None = `dtype`"""
 
@@ -180,6 +181,9 @@ class TrainConfig:
     validate_every: int = 200
     val_images_per_prompt: int = 32
     seed: int = 5991
+    loss_scale: float | None = None
+    """static loss scale: the surrogate loss is multiplied by it and the fp32 LoRA gradients divided by it before the
+    all-reduce (an overflow skips the step, as a NaN does); null = 1024 when the frozen weights are fp16, else 1"""
     allow_cpu: bool = False
     """train a real model on the CPU when no usable CUDA is found (otherwise that stops at start); the toy world and
     `tiny` models always may"""

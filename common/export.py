@@ -29,8 +29,8 @@ from common.adapters import (
     load_trainable_state_dict,
     save_lora,
 )
+from common.models import DTYPES
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PART_NAMES = {"text_encoder": "text encoder", "unet": "U-Net"}
 _CKPT = re.compile(r"checkpoint(_tmp)?-(\d+)")
 
@@ -132,8 +132,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: not found in checkpoint {ckpt}" + (" (use --no-ema for the current "
                                 "weights)" if ema else ""))
-    te_dtype = DTYPES[cfg.model.text_encoder_dtype] if cfg.model.text_encoder_dtype else None
-    comps = load_components(cfg.model.name, dtype=DTYPES[cfg.model.dtype], text_encoder_dtype=te_dtype)
+    # the export runs on the CPU and only needs the shapes: half precision halves the memory ("auto" -> fp16)
+    te_dtype = DTYPES.get(cfg.model.text_encoder_dtype or "", None)
+    comps = load_components(cfg.model.name, dtype=DTYPES.get(cfg.model.dtype, torch.float16), text_encoder_dtype=te_dtype)
     ft = cfg.finetune
     if ft.prefix_tokens:
         add_prefix_tokens(comps, ft.prefix_tokens, cfg.train.seed)

@@ -29,10 +29,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from common.config import SD15
+from common.models import DTYPES, resolve_dtype  # noqa: F401 - DTYPES is read by reproduce
 from common.plots import to_pil
 
 DEFAULT_SEED = 1997
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
 FORMATS = ("png", "jpg")
 MANIFEST = "manifest.json"
 IDENTITY_KEYS = ("model", "adapters", "prompts", "steps", "guidance", "seed", "image_size", "conditioning", "dtype")
@@ -311,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--batch-size", type=int, default=10)
     ap.add_argument("--seed", type=int, default=DEFAULT_SEED, help="base of the per-(prompt, index) seeds")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default fp16 on GPU, fp32 on CPU)")
+    ap.add_argument("--dtype", choices=["auto", *sorted(DTYPES)],
+                    help="weights dtype (default auto: bf16 on a GPU that supports it, else fp16; fp32 on CPU)")
     ap.add_argument("--format", choices=FORMATS, default="png")
     ap.add_argument("--image-size", type=int, help="default: the model's native size (512 for SD 1.5)")
     ap.add_argument("--device", default=None, help="default: cuda when available; cpu only with --cpu (or for toy/tiny)")
@@ -328,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     device = require_device(args.model, args.cpu, "pass --cpu (or --device cpu)", args.device)
     enable_tf32()
-    dtype = DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")]
+    dtype = resolve_dtype(args.dtype, device)
     prompts = load_prompt_sets(args.prompts, cwd=True)[: args.limit_prompts or None]
     # fail fast, before loading the model, on the settings known already (the rest is checked when writing)
     check_manifest(args.out, {"model": args.model, "prompts": prompts, "steps": args.steps,

@@ -22,6 +22,19 @@ from common.config import SD15  # noqa: F401 - re-exported: the default base mod
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(name: str | None, device) -> torch.dtype:
+    """A config / CLI dtype name on `device`: the CPU always runs fp32 (half precision is for GPUs); `auto` (or None) is
+    bf16 on a GPU that supports it, else fp16."""
+    if torch.device(device).type == "cpu":
+        return torch.float32
+    if name in (None, "auto"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return DTYPES[name]
+
+
 @dataclass
 class Components:
     """The five parts of a Stable Diffusion model. `vae_scale` is the latent scaling factor (0.18215 for SD 1.x)."""

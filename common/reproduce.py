@@ -20,6 +20,7 @@ from pathlib import Path
 
 from common.config import SD15
 from common.generate import DEFAULT_SEED, DTYPES
+from common.models import resolve_dtype
 
 TEMPLATE = "a photo of the face of a {occupation}, a person"
 """the paper's test template (paper.md §2.1): templated published rows are keyed by occupation"""
@@ -198,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--batch-size", type=int, default=10)
     ap.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    ap.add_argument("--dtype", choices=sorted(DTYPES))
+    ap.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], help="as common.generate's --dtype")
     ap.add_argument("--cpu", action="store_true", help="allow a real model to run on the CPU when no usable CUDA is found")
     ap.add_argument("--image-size", type=int)
     ap.add_argument("--device")
@@ -235,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out = Path(args.out or f"outputs/reproduce/{args.experiment}-{variant}")
     device = require_device(args.model, args.cpu, "pass --cpu (or --device cpu)", args.device)
     enable_tf32()
-    dtype = DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")]
+    dtype = resolve_dtype(args.dtype, device)
     n = args.images_per_prompt or exp.images_per_prompt
     prompts = load_prompts(args.prompts, cwd=True)[: args.limit_prompts or None]
 

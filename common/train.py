@@ -34,11 +34,10 @@ from common import adapters as ad
 from common.alignment import assign, expected_targets
 from common.config import Config, add_config_args, data_path, load_config, save_config
 from common.losses import FairnessLoss, LossWeights, judge, kept_classes, kept_share
-from common.models import load_components
+from common.models import load_components, resolve_dtype
 from common.prompts import load_prompt_sets
 from common.sampling import Conditioning, dft_backward, encode_prompts, sample
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NAN_HOOK = "FAIR_DIFFUSION_TEST_NAN"  # test hook: "RANK:STEP" makes that rank's gradient NaN at that step
 
 
@@ -169,15 +168,14 @@ class Trainer:
         if gipp % self.world:
             raise ValueError(f"train.images_per_prompt = {gipp} must be divisible by the number of processes ({self.world})")
         self.n_local = gipp // self.world
-        dtype = DTYPES[cfg.model.dtype]
-        if self.device.type == "cpu" and dtype != torch.float32:
+        dtype = resolve_dtype(cfg.model.dtype, self.device)
+        if self.device.type == "cpu" and cfg.model.dtype not in ("fp32", "auto"):
             self.acc.print(f"[train] model.dtype={cfg.model.dtype} on CPU: running the frozen weights in fp32 instead "
                            "(half precision is for GPUs)")
-            dtype = torch.float32
-        te_dtype = DTYPES[cfg.model.text_encoder_dtype] if cfg.model.text_encoder_dtype else dtype
-        if self.device.type == "cpu":
-            te_dtype = torch.float32
+        te_dtype = resolve_dtype(cfg.model.text_encoder_dtype, self.device) if cfg.model.text_encoder_dtype else dtype
         self.dtype = dtype
+        ls = cfg.train.loss_scale
+        self.loss_scale = float(ls) if ls is not None else (1024.0 if dtype == torch.float16 else 1.0)
         torch.manual_seed(cfg.train.seed)  # identical adapter initialisation on every process
 
         # models and adapters
@@ -372,7 +370,7 @@ class Trainer:
             def fn(images, idx=idx, logs_mb=logs_mb):
                 loss, logs = loss_fn(images, idx)
                 logs_mb.update(logs)
-                return loss
+                return loss * self.loss_scale  # static loss scale; the gradients are unscaled before the all-reduce
 
             loss = dft_backward(
                 self.comps, prompts[: len(idx)], noise[idx], steps, fn, mode=mode,
@@ -380,7 +378,7 @@ class Trainer:
                 conditioning=self.conditioning, last_k=cfg.sampling.dft_last_k, chunk=cfg.sampling.dft_chunk,
                 decode_chunk=cfg.sampling.decode_chunk,
             )
-            total += float(loss)
+            total += float(loss) / self.loss_scale
             for k, v in logs_mb.items():
                 term_logs[k] = term_logs.get(k, 0.0) + v
         return total, term_logs, glob, targets
@@ -400,6 +398,8 @@ class Trainer:
         (checked after the reduction, so all processes agree: the authors' rank-local check is not repeated)."""
         grads = [p.grad for p in self.params.values()]
         flat = torch.cat([g.reshape(-1).float() for g in grads])
+        if self.loss_scale != 1.0:
+            flat /= self.loss_scale  # an overflow stays inf and skips the step below
         if self.world > 1:
             torch.distributed.all_reduce(flat)
             flat /= self.world

@@ -145,8 +145,8 @@ def _sd15(snap: Path) -> dict:
 
 
 def _clip_h(snap: Path) -> dict:
-    """The laion repository holds the whole CLIP model (both towers): the vision tower + projection is what the
-    image encoder reads, the text tower what CLIP-T needs."""
+    """The laion repository holds the whole CLIP model (both towers; `projection_dim` repeated in each sub-config, as
+    there): the vision tower + projection is what the image encoder reads, the text tower what CLIP-T needs."""
     import torch
     from transformers import CLIPConfig, CLIPModel
 
@@ -154,9 +154,9 @@ def _clip_h(snap: Path) -> dict:
 
     cfg = CLIPConfig(
         text_config=dict(**CLIP_TOKENS, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                         num_attention_heads=16, hidden_act="gelu", layer_norm_eps=1e-5),
+                         num_attention_heads=16, hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=1024),
         vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
-                           patch_size=14, image_size=224, hidden_act="gelu", layer_norm_eps=1e-5),
+                           patch_size=14, image_size=224, hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=1024),
         projection_dim=1024)
     m = _build(CLIPModel, "clip-h", cfg)
     n = {"clip-vit-h-14/vision": sum(p.numel() for p in m.vision_model.parameters()),

@@ -41,7 +41,15 @@ def main():
     res["targets_equal"] = all(torch.equal(all_t[a], assign(q1[a], cfg.loss.confidence_threshold)[0]) for a in q1)
 
     # 2. identical parameters after each step; 3. NaN on rank 1 at step 1 skips the step on both processes
-    res["identical"], res["skipped"], res["changed"] = [], [], []
+    res["identical"], res["skipped"], res["changed"], res["loss_logged"], res["loss_local"] = [], [], [], [], []
+    local = {}
+    reduce = tr._mean_over_ranks
+
+    def spy(logs, keys):  # this process's own loss, before the reduction over processes
+        local["loss"] = logs["loss"]
+        reduce(logs, keys)
+
+    tr._mean_over_ranks = spy
     for _ in range(3):
         before = flat_params(tr).clone()
         logs = tr.step()
@@ -49,6 +57,8 @@ def main():
         both = acc.gather(p[None])
         res["identical"].append(bool(torch.equal(both[0], both[1])))
         res["skipped"].append(logs["skipped"])
+        res["loss_logged"].append(acc.gather(torch.tensor([logs["loss"]], dtype=torch.float64)).tolist())
+        res["loss_local"].append(acc.gather(torch.tensor([local["loss"]], dtype=torch.float64)).tolist())
         res["changed"].append(acc.gather(torch.tensor([float(not torch.equal(p, before))])).tolist())
     if acc.is_main_process:
         Path(out_file).write_text(json.dumps(res))

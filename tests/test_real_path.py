@@ -396,3 +396,59 @@ def test_toy_variant_generates_and_evaluates_through_the_experiment_scripts(exp,
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = (out / "eval" / "summary.md").read_text()
     assert "| toy |" in summary  # the config's image encoder judged the pairs
+
+
+def test_tf32_is_enabled_by_train_and_generate(tmp_path):
+    """TF32 was never enabled: fp32 matmuls (LoRA maths, fp32 configs) ran without tensor cores on Ampere+."""
+    from common.config import load_config
+    from common.generate import main as generate_main
+    from common.train import Trainer
+
+    for flip in (lambda: Trainer(load_config(EXP1 / "debias-text-encoder.yaml",
+                                             tiny_overrides(tmp_path / "run", "finetune.rank=4"))),
+                 lambda: generate_main(["--model", "tiny", "--prompts", "occupation.json:test", "--limit-prompts", "1",
+                                        "--images-per-prompt", "1", "--steps", "1", "--out", str(tmp_path / "g")])):
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            flip()
+            assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_static_loss_scale_leaves_the_update_unchanged_and_an_overflow_skips(tmp_path):
+    """The surrogate is multiplied by S and the fp32 gradients divided by S before the all-reduce: in fp32 (no
+    underflow to rescue) the step equals the unscaled one (tolerance 1e-6 relative: one multiply and one divide by a
+    power of two are exact; the rest is summation order); the logged loss is unscaled; an overflow skips the step."""
+    from common.config import load_config
+    from common.train import Trainer
+
+    def one_step(scale):
+        cfg = load_config(EXP1 / "debias-text-encoder.yaml", tiny_overrides(
+            tmp_path / f"run{scale}", "finetune.rank=4", f"train.loss_scale={scale}"))
+        tr = Trainer(cfg)
+        before = {k: p.detach().clone() for k, p in tr.params.items()}
+        logs = tr.step()
+        grads = torch.cat([p.grad.reshape(-1) for p in tr.params.values()])
+        moved = any(not torch.equal(before[k], p) for k, p in tr.params.items())
+        return logs, grads, moved
+
+    l1, g1, m1 = one_step(1.0)
+    l2, g2, m2 = one_step(1024.0)
+    assert m1 and m2 and l1["skipped"] == l2["skipped"] == 0.0
+    assert torch.allclose(g1, g2, rtol=1e-6, atol=1e-12)
+    assert l2["loss"] == pytest.approx(l1["loss"], rel=1e-6)
+    l3, _, m3 = one_step(1e300)  # the scaled surrogate overflows fp32
+    assert l3["skipped"] == 1.0 and not m3
+
+
+def test_auto_dtype_is_bf16_where_supported(monkeypatch):
+    from common.models import resolve_dtype
+
+    assert resolve_dtype("auto", "cpu") == resolve_dtype("fp16", "cpu") == torch.float32  # the CPU runs fp32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_dtype("auto", "cuda") == torch.bfloat16 and resolve_dtype(None, "cuda") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_dtype("auto", "cuda") == torch.float16
+    assert resolve_dtype("fp16", "cuda") == torch.float16

@@ -74,6 +74,11 @@ def test_two_processes_agree(tmp_path):
     assert res["identical"] == [True, True, True]
     assert res["skipped"] == [0.0, 1.0, 0.0]  # the NaN on rank 1 at step 1 skipped the step on both processes
     assert res["changed"][1] == [0.0, 0.0] and res["changed"][0] == [1.0, 1.0]
+    # the logged loss is the mean over both processes (it was rank 0's alone), the same on each
+    for logged, local in zip(res["loss_logged"], res["loss_local"]):
+        assert local[0] != local[1]  # different noise per process: the reduction is visible
+        assert logged[0] == pytest.approx(logged[1], abs=1e-12)
+        assert logged[0] == pytest.approx((local[0] + local[1]) / 2, rel=1e-9)
 
 
 class _ColourNet(torch.nn.Module):
