@@ -68,15 +68,17 @@ def test_standin_fill_is_seeded_by_name_and_sane():
     O(1) through a deep stack, and norms start at one."""
     from torch import nn
 
-    def net():
-        return nn.Sequential(nn.Linear(512, 512), nn.LayerNorm(512), nn.Linear(512, 512))
+    class Block(nn.Module):  # names as in the real models: norm scales are found by "norm" in the name
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.layer_norm, self.fc2 = nn.Linear(512, 512), nn.LayerNorm(512), nn.Linear(512, 512)
 
-    a = dryrun._build(net().__class__, "t", *[nn.Linear(512, 512), nn.LayerNorm(512)])
-    b = dryrun._build(net().__class__, "t", *[nn.Linear(512, 512), nn.LayerNorm(512)])
+    a, b = dryrun._build(Block, "t"), dryrun._build(Block, "t")
     for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(v, w), k
-    assert torch.equal(a[1].weight, torch.ones(512)) and torch.equal(a[0].bias, torch.zeros(512))
-    assert abs(float(a[0].weight.std()) - 512 ** -0.5) < 0.002
+    assert torch.equal(a.layer_norm.weight, torch.ones(512)) and torch.equal(a.fc1.bias, torch.zeros(512))
+    assert abs(float(a.fc1.weight.std()) - 512 ** -0.5) < 0.002
+    assert not torch.equal(a.fc1.weight, a.fc2.weight)  # seeded by name, not one stream reused
     with pytest.raises(RuntimeError, match="persistent buffers"):
         dryrun._build(nn.BatchNorm1d, "bn", 4)
 
