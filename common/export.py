@@ -133,7 +133,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None
         raise FileNotFoundError(f"{weights}: not found in checkpoint {ckpt}" + (" (use --no-ema for the current "
                                 "weights)" if ema else ""))
     # the export runs on the CPU and only needs the shapes: half precision halves the memory ("auto" -> fp16)
-    te_dtype = DTYPES.get(cfg.model.text_encoder_dtype or "", None)
+    te_dtype = DTYPES[cfg.model.text_encoder_dtype] if cfg.model.text_encoder_dtype else None
     comps = load_components(cfg.model.name, dtype=DTYPES.get(cfg.model.dtype, torch.float16), text_encoder_dtype=te_dtype)
     ft = cfg.finetune
     if ft.prefix_tokens:

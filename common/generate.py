@@ -29,11 +29,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from common.config import SD15
-from common.models import DTYPES, resolve_dtype  # noqa: F401 - DTYPES is read by reproduce
+from common.models import DTYPES, resolve_dtype
 from common.plots import to_pil
 
 DEFAULT_SEED = 1997
-
 FORMATS = ("png", "jpg")
 MANIFEST = "manifest.json"
 IDENTITY_KEYS = ("model", "adapters", "prompts", "steps", "guidance", "seed", "image_size", "conditioning", "dtype")

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.config import SD15
-from common.generate import DEFAULT_SEED, DTYPES
-from common.models import resolve_dtype
+from common.generate import DEFAULT_SEED
+from common.models import DTYPES, resolve_dtype
 
 TEMPLATE = "a photo of the face of a {occupation}, a person"
 """the paper's test template (paper.md §2.1): templated published rows are keyed by occupation"""
