@@ -12,7 +12,10 @@
    / image-count overrides: train 2 steps, resume to 3, export, generate, evaluate; then `common.reproduce` on one.
 3. Prints one table (config, variant, seconds per stage, peak memory, pass) and writes it as JSON (`--out`).
 
-On CPU: 64 px, one image per prompt, one denoising step. With `--device cuda`: 512 px, the configs' images per prompt,
+On CPU: 64 px, one image per prompt, one denoising step, and the frozen weights in bf16 where the CPU has native bf16
+(`common.models.cpu_supports_bf16`: 2-3x faster than fp32 there, and the dtype `model.dtype: auto` picks on a GPU);
+two configs run side by side (`--jobs`, default 2 on the CPU: a process spends much of its time in single-threaded
+loading, so two overlap well on 2 cores). With `--device cuda`: 512 px, the configs' images per prompt,
 micro-batches, denoising steps and dtypes; each row adds the seconds per training step and the peak GPU memory
 (`torch.cuda.max_memory_allocated`, logged by the trainer as `gpu_peak_gb`).
 """
@@ -263,15 +266,17 @@ def measured(cmd: list[str], env: dict, log: Path) -> dict:
     return {"seconds": round(seconds, 1), "rc": info["rc"], "peak_rss_gb": round(info["kb"] / 2**20, 2)}
 
 
-def overrides(device: str) -> dict[str, list[str]]:
-    """Extra arguments per stage: only resolution / step / image-count settings (and the CPU permission)."""
+def overrides(device: str, bf16: bool = False) -> dict[str, list[str]]:
+    """Extra arguments per stage: only resolution / step / image-count settings (and, on the CPU, its permission and
+    bf16 weights where `bf16`)."""
     if device == "cpu":
-        train = ["--set", "sampling.image_size=64", "--set", "train.images_per_prompt=1", "--set", "train.micro_batch=1",
+        half = (["--set", "model.dtype=bf16"], ["--dtype", "bf16"]) if bf16 else ([], [])
+        train = [*half[0], "--set", "sampling.image_size=64", "--set", "train.images_per_prompt=1", "--set", "train.micro_batch=1",
                  "--set", "sampling.train_steps=[1,1]", "--set", "sampling.val_steps=1",
                  "--set", "train.val_images_per_prompt=1", "--set", "prompts.val_limit=1",
                  "--set", "train.validate_every=2", "--set", "train.allow_cpu=true"]
         gen = ["--image-size", "64", "--steps", "1", "--images-per-prompt", "1", "--limit-prompts", "1", "--cpu",
-               "--batch-size", "1"]
+               "--batch-size", "1", *half[1]]
         ev = ["--cpu", "--n-boot", "10", "--batch-size", "2"]
     else:
         train = ["--set", "train.validate_every=0"]
@@ -288,13 +293,13 @@ def _metric(run: Path, key: str) -> list[float]:
         return [float(r["value"]) for r in csv.DictReader(fh) if r["key"] == key]
 
 
-def run_config(exp: str, variant: str, device: str, work: Path, env: dict) -> dict:
+def run_config(exp: str, variant: str, device: str, work: Path, env: dict, bf16: bool = False) -> dict:
     """train 2 steps -> resume to 3 -> export -> generate -> evaluate through the experiment's shell scripts."""
     out = work / exp / variant
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     env = {**env, "OUTPUT_DIR": str(out)}
-    ov = overrides(device)
+    ov = overrides(device, bf16)
     sh = lambda action: ["bash", str(REPO / exp / f"{action}.sh"), variant]  # noqa: E731
     stages = [
         ("train", sh("train") + ov["train"] + ["--set", "train.max_steps=2"]),
@@ -335,15 +340,15 @@ def _check_outputs(out: Path, row: dict) -> bool:
     return not missing
 
 
-def run_reproduce(exp: str, variant: str, device: str, work: Path, env: dict) -> dict:
+def run_reproduce(exp: str, variant: str, device: str, work: Path, env: dict, bf16: bool = False) -> dict:
     """`common.reproduce` on an exported run of `exp` (its --lora), at the dry run's sizes."""
     short = exp.split("-debias")[0]
     lora = work / exp / variant / "export"
     out = work / "reproduce"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    sizes = (["--image-size", "64", "--steps", "1", "--images-per-prompt", "1", "--cpu", "--n-boot", "10"]
-             if device == "cpu" else ["--images-per-prompt", "4"])
+    sizes = (["--image-size", "64", "--steps", "1", "--images-per-prompt", "1", "--cpu", "--n-boot", "10",
+              *(["--dtype", "bf16"] if bf16 else [])] if device == "cpu" else ["--images-per-prompt", "4"])
     cmd = [sys.executable, "-m", "common.reproduce", "--experiment", short, "--variant", variant, "--lora", str(lora),
            "--out", str(out), "--limit-prompts", "1", *sizes]
     r = measured(cmd, env, out / "dryrun.log")
@@ -387,6 +392,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="+", metavar="EXP[:VARIANT]", help="a subset, e.g. exp-1-debias-gender:text-encoder")
     ap.add_argument("--no-reproduce", action="store_true")
     ap.add_argument("--build-only", action="store_true", help="build the stand-ins and stop")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="configs run side by side, the cores split between them (default: 2 on the CPU, 1 on a GPU)")
+    ap.add_argument("--fp32", action="store_true", help="CPU: keep the frozen weights in fp32 even where bf16 is native")
     a = ap.parse_args(argv)
     cache = a.cache or default_cache()
     if a.device == "cuda":
@@ -418,19 +426,31 @@ def main(argv=None) -> int:
                   f"{', '.join(f'{e}:{v}' for e, v in todo)}", file=sys.stderr)
             return 2
         todo = [(e, v) for e, v in todo if any(hit(e, v, w) for w in want)]
-    rows = []
-    for exp, variant in todo:
-        rows.append(run_config(exp, variant, a.device, work, env))
+    a.jobs = a.jobs if a.jobs is not None else (2 if a.device == "cpu" else 1)
+    if a.jobs < 1:
+        print(f"error: --jobs {a.jobs}: expected a whole number >= 1", file=sys.stderr)
+        return 2
+    from common.models import cpu_supports_bf16
+
+    bf16 = a.device == "cpu" and not a.fp32 and cpu_supports_bf16()
+    if a.jobs > 1:  # split the cores: N processes with all threads each would only spin-wait on each other
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // a.jobs))
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(a.jobs) as pool:  # the runs are subprocesses: threads only wait on them
+        rows = list(pool.map(lambda ev: run_config(*ev, a.device, work, env, bf16), todo))
     if not a.no_reproduce:
         first = next((r for r in rows if r["pass"] and r["variant"] == "text-encoder"), None)
         if first is not None:
-            rows.append(run_reproduce(first["config"], "text-encoder", a.device, work, env))
+            env.pop("OMP_NUM_THREADS", None)  # alone again: all cores
+            rows.append(run_reproduce(first["config"], "text-encoder", a.device, work, env, bf16))
     total = round(time.time() - t0, 1)
     text = table(rows, a.device)
     print(text)
     print(f"[dryrun] {sum(r['pass'] for r in rows)}/{len(rows)} passed in {total} s (stand-ins: {cache})")
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"device": a.device, "total_seconds": total, "standins": manifest, "rows": rows,
+    a.out.write_text(json.dumps({"device": a.device, "jobs": a.jobs, "cpu_bf16": bf16, "total_seconds": total,
+                                 "standins": manifest, "rows": rows,
                                  "table": text}, indent=1))
     return 0 if all(r["pass"] for r in rows) else 1
 
