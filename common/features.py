@@ -79,9 +79,25 @@ class ImageEncoder(nn.Module):
         return F.normalize(emb.float(), dim=-1)
 
 
-def _from_pretrained(cls, source: str, what: str):
+class _UnexpectedOnlyReport:
+    """Drops transformers' load report when all it lists is UNEXPECTED weights (checked by the caller); a report with
+    missing, mismatched or converted weights is still printed."""
+
+    def filter(self, record) -> bool:
+        msg = record.getMessage()
+        return "LOAD REPORT" not in msg or any(w in msg for w in ("MISSING", "MISMATCH", "CONVERSION"))
+
+
+def _from_pretrained(cls, source: str, what: str, other_parts: tuple[str, ...] = ()):
+    """Strict load: every weight of `cls` must be in the files, and the files may hold more only under `other_parts`
+    (e.g. the text tower of a whole CLIP checkpoint, which the vision encoder does not use): then transformers' report
+    of those extras is not printed. Anything else is one error sentence."""
+    import logging
+
+    log, quiet = logging.getLogger("transformers.modeling_utils"), _UnexpectedOnlyReport()
+    log.addFilter(quiet)
     try:
-        return cls.from_pretrained(source)
+        model, info = cls.from_pretrained(source, output_loading_info=True)
     except OSError as e:
         if Path(source).expanduser().exists():
             raise
@@ -90,12 +106,25 @@ def _from_pretrained(cls, source: str, what: str):
             f"HF_HUB_OFFLINE=1). Download them on a connected machine (`huggingface-cli download {source}`) or pass "
             "path= a local folder holding them."
         ) from e
+    except RuntimeError as e:  # shape mismatches: transformers printed its report above
+        raise ValueError(f"'{source}' does not hold {what} weights of the shapes {cls.__name__} expects (see the "
+                         "load report above)") from e
+    finally:
+        log.removeFilter(quiet)
+    missing = sorted(info.get("missing_keys") or [])
+    extra = sorted(k for k in info.get("unexpected_keys") or [] if not k.startswith(other_parts))
+    if missing or extra:
+        raise ValueError(f"'{source}' does not hold the {what} weights that {cls.__name__} expects: "
+                         f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''} ({len(missing)}), "
+                         f"unexpected {extra[:3]}{' ...' if len(extra) > 3 else ''} ({len(extra)})")
+    return model
 
 
 def _clip(path=None, antialias: bool = False) -> ImageEncoder:
     from transformers import CLIPVisionModelWithProjection
 
-    model = _from_pretrained(CLIPVisionModelWithProjection, str(path or CLIP_ID), "CLIP vision")
+    model = _from_pretrained(CLIPVisionModelWithProjection, str(path or CLIP_ID), "CLIP vision",
+                             other_parts=("text_model.", "text_projection.", "logit_scale"))
     return ImageEncoder(model, "clip", model.config.image_size, CLIP_MEAN, CLIP_STD, antialias, name="clip")
 
 

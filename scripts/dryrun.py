@@ -433,6 +433,7 @@ def main(argv=None) -> int:
     from common.models import cpu_supports_bf16
 
     bf16 = a.device == "cpu" and not a.fp32 and cpu_supports_bf16()
+    a.jobs = min(a.jobs, len(todo))
     if a.jobs > 1:  # split the cores: N processes with all threads each would only spin-wait on each other
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // a.jobs))
     from concurrent.futures import ThreadPoolExecutor

@@ -42,6 +42,20 @@ def test_cuda_overrides_keep_the_configs_real_sizes():
     assert "sampling.image_size=64" in cpu["train"] and "train.allow_cpu=true" in cpu["train"]
 
 
+def test_cpu_overrides_ask_for_bf16_only_where_native():
+    """bf16 frozen weights on a CPU with native bf16 (the dtype a GPU's `auto` picks); the GPU keeps the configs'."""
+    cpu16, cpu32, gpu = dryrun.overrides("cpu", bf16=True), dryrun.overrides("cpu"), dryrun.overrides("cuda", bf16=True)
+    assert "model.dtype=bf16" in cpu16["train"] and cpu16["generate"][-2:] == ["--dtype", "bf16"]
+    assert "model.dtype=bf16" not in " ".join(cpu32["train"]) and "--dtype" not in cpu32["generate"]
+    assert "dtype" not in " ".join(gpu["train"] + gpu["generate"])
+
+
+def test_bad_jobs_is_one_sentence(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(dryrun, "build_standins", lambda cache: {"params": {}})
+    assert dryrun.main(["--jobs", "0", "--cache", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: --jobs 0: expected a whole number >= 1")
+
+
 def test_table_has_the_gpu_columns_on_cuda():
     row = {"config": "exp-3-debias-gender-race", "variant": "unet", "pass": True, "seconds": 100.0, "peak_rss_gb": 9.5,
            "step_seconds": 12.345, "gpu_peak_gb": 61.24,
@@ -94,6 +108,9 @@ def test_reduced_dryrun_at_true_size_through_the_scripts(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
+    from common.models import cpu_supports_bf16
+
+    assert res["cpu_bf16"] == cpu_supports_bf16() and res["jobs"] == 1  # one config: all cores to it
     p = res["standins"]["params"]
     assert (p["sd15/text_encoder"], p["sd15/unet"], p["sd15/vae"]) == (123060480, 859520964, 83653863)
     assert p["clip-vit-h-14/vision"] == 630766080 and p["dinov2-base"] == 86580480

@@ -84,6 +84,41 @@ def test_hub_model_missing_offline_is_one_clear_error():
         fe.load_image_encoder("nope")
 
 
+def _tiny_clip_folder(path):
+    from transformers import CLIPConfig, CLIPModel
+
+    # projection_dim repeated in each tower's config, as the hub's CLIP repositories do
+    cfg = CLIPConfig(text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      vocab_size=64, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
+                                      pad_token_id=1, projection_dim=8),
+                     vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        image_size=28, patch_size=14, projection_dim=8), projection_dim=8)
+    torch.manual_seed(0)
+    CLIPModel(cfg).save_pretrained(path)
+    return CLIPModel.from_pretrained(path)
+
+
+def test_whole_clip_checkpoint_loads_its_vision_tower_quietly_and_strictly(tmp_path, capfd):
+    """The hub's CLIP repositories hold both towers: the vision encoder takes its own weights (equal to the whole
+    model's vision path), says nothing about the text tower it leaves, and refuses a folder missing its weights."""
+    full = _tiny_clip_folder(tmp_path / "clip")
+    capfd.readouterr()
+    enc = fe.load_image_encoder("clip", path=tmp_path / "clip")
+    out, err = capfd.readouterr()
+    assert "LOAD REPORT" not in out + err and "UNEXPECTED" not in out + err
+    x = torch.rand(2, 3, 28, 28) * 2 - 1
+    feats = full.get_image_features(pixel_values=_by_hand(x, 28, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD))
+    want = F.normalize(getattr(feats, "pooler_output", feats), dim=-1)  # transformers 5 returns an output object
+    torch.testing.assert_close(enc(x), want, rtol=1e-5, atol=1e-6)
+    from transformers import Dinov2Config, Dinov2Model
+
+    Dinov2Model(Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                             image_size=28, patch_size=14)).save_pretrained(tmp_path / "dino")
+    with pytest.raises(ValueError, match="does not hold the CLIP vision weights that CLIPVisionModelWithProjection "
+                                         r"expects: missing \['vision_model"):
+        fe.load_image_encoder("clip", path=tmp_path / "dino")
+
+
 @pytest.fixture(scope="module")
 def facenet_random():
     return fe.load_face_encoder("facenet-random")
