@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.runtime import device_chunks
+
 # ArcFace 112x112 template (pixel centres at integer coordinates, as cv2 / skimage): left eye, right eye, nose,
 # left mouth corner, right mouth corner.
 ARCFACE_TEMPLATE = torch.tensor(
@@ -156,9 +158,12 @@ class MTCNNDetector:
             self.mtcnn.to(dev)
             self.mtcnn.device = dev
         m = self.mtcnn
-        batch_boxes, batch_points = detect_face(
-            to_pixels(images), m.min_face_size, m.pnet, m.rnet, m.onet, m.thresholds, m.factor, dev
-        )
+        batch_boxes, batch_points = [], []
+        for part in device_chunks(n, dev):  # each image's detections are independent of the others in its call
+            b, p = detect_face(to_pixels(images[part]), m.min_face_size, m.pnet, m.rnet, m.onet, m.thresholds,
+                               m.factor, dev)
+            batch_boxes += list(b)
+            batch_points += list(p)
         # MTCNN returns ragged per-image object arrays; unpack them once, then everything is vectorised.
         counts = torch.tensor([len(b) for b in batch_boxes], dtype=torch.long)
         found = counts > 0

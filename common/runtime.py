@@ -66,6 +66,19 @@ def require_device(model: str, allow_cpu: bool, how_to_allow: str, device: str |
                       f"{how_to_allow}")
 
 
+CPU_CHUNK = 8
+"""images per call of a convolutional judge (face detector, attribute classifier) on the CPU: a larger batch leaves
+the caches and runs slower per image than one at a time (`make bench`: judges_batched_speedup)"""
+
+
+def device_chunks(n: int, device) -> list[slice]:
+    """Slices of `n` items for one judge call each: `CPU_CHUNK` at a time on the CPU, all at once elsewhere."""
+    import torch
+
+    step = CPU_CHUNK if torch.device(device).type == "cpu" else max(n, 1)
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
 def enable_tf32() -> None:
     """Allow TF32 tensor-core maths for fp32 matmuls and cuDNN convolutions (no effect on the CPU)."""
     import torch

@@ -255,3 +255,29 @@ def test_largest_face_by_clipped_area():
     )
     owner = torch.tensor([0, 0, 2, 3, 3])
     assert faces.largest_per_image(boxes, owner, 4, (20, 20)).tolist() == [1, -1, 2, 3]
+
+
+def test_cpu_chunks_of_the_judges_change_no_result(photo, monkeypatch):
+    """The CPU feeds the detector and the classifier `CPU_CHUNK` images per call (faster per image); results equal
+    one call over the whole batch, across chunk boundaries, and gradients still reach the crops."""
+    from common import runtime
+    from common.classifiers import load_classifier
+
+    assert runtime.device_chunks(10, "cpu") == [slice(0, 8), slice(8, 10)] and runtime.device_chunks(0, "cpu") == []
+    assert runtime.device_chunks(10, "meta") == [slice(0, 10)]  # any other device: one call
+    small = F.interpolate(photo, size=(256, 256), mode="bilinear", antialias=True)
+    batch = torch.cat([torch.roll(small, (3 * i, -2 * i), (2, 3)) for i in range(5)])
+    clf = load_classifier("random-fairface8")
+    monkeypatch.setattr(runtime, "CPU_CHUNK", 100)
+    whole = faces.detect(batch, faces.MTCNNDetector())
+    crops = whole.crops.clone().requires_grad_(True)
+    want = clf(crops)
+    monkeypatch.setattr(runtime, "CPU_CHUNK", 2)
+    parts = faces.detect(batch, faces.MTCNNDetector())
+    got = clf(crops)
+    assert whole.found.all() and torch.equal(parts.found, whole.found)
+    torch.testing.assert_close(parts.raw_boxes, whole.raw_boxes, atol=1e-3, rtol=0)  # batched-conv reordering only
+    for a in want:
+        torch.testing.assert_close(got[a], want[a], atol=1e-5, rtol=1e-5)
+    got["gender"].sum().backward()
+    assert crops.grad.abs().sum() > 0
