@@ -10,11 +10,12 @@ DEVICE  ?= cpu
 setup: $(STAMP)
 
 # The stamp depends on requirements.txt, so a second `make setup` does nothing (well under 10 s).
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps facenet-pytorch==2.6.0
+	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
 demo: setup

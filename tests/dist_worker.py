@@ -9,9 +9,6 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from train_helpers import tiny_overrides  # noqa: E402
