@@ -16,6 +16,7 @@ the RNG states are saved and restored as well.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import json
@@ -37,8 +38,6 @@ from common.losses import FairnessLoss, LossWeights, judge, kept_classes, kept_s
 from common.models import load_components, resolve_dtype
 from common.prompts import load_prompt_sets
 from common.sampling import Conditioning, dft_backward, encode_prompts, sample
-
-NAN_HOOK = "FAIR_DIFFUSION_TEST_NAN"  # test hook: "RANK:STEP" makes that rank's gradient NaN at that step
 
 
 def derive_seed(*parts) -> int:
@@ -224,6 +223,9 @@ class Trainer:
         self.val_prompts = load_prompt_sets(cfg.prompts.val, cfg.paths.data_dir, cfg.prompts.val_limit)
 
         self.step_count = 0
+        self.before_reduce: list = []
+        """callables `hook(trainer)` run each step after this process's gradients are accumulated, before the
+        all-reduce"""
         self._val_orig_cache: dict | None = None
         if self.acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -304,9 +306,8 @@ class Trainer:
             for k, v in logs.items():
                 term_logs[k] = term_logs.get(k, 0.0) + v
             stats.append((glob, targets))
-        inject = os.environ.get(NAN_HOOK)
-        if inject and inject == f"{self.rank}:{step}":
-            next(iter(self.params.values())).grad.view(-1)[0] = float("nan")
+        for hook in self.before_reduce:  # e.g. gradient surgery, or a fault injected by a test
+            hook(self)
         finite = self._all_reduce_grads()
         for group in self.opt.param_groups:
             group["lr"] = lr_at(cfg.train, step)
@@ -435,7 +436,7 @@ class Trainer:
             self._val_orig_cache = cache
         variants = {"main": None, "ema": self.ema}
         for name, ema in variants.items():
-            ctx = ema.swapped() if ema is not None else _null()
+            ctx = ema.swapped() if ema is not None else contextlib.nullcontext()
             with ctx:
                 for i, prompt in enumerate(self.val_prompts):
                     noise = self.noise("val", per, i)
@@ -553,14 +554,6 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint folder (permanent or rolling) with the highest step, or None."""
     ckpts = [p for p in (Path(run_dir) / "ckpts").glob("checkpoint*-*") if p.is_dir() and not p.name.startswith(".")]
     return max(ckpts, key=lambda p: int(p.name.rsplit("-", 1)[-1]), default=None)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _tracker(cfg: Config):

@@ -2,7 +2,7 @@
 
 Checks, written to the JSON file named by argv[1] (rank 0): the alignment targets computed on the gathered batch equal
 the one-process computation on the same probabilities; the parameters are identical on both processes after each step;
-a NaN injected on one process (FAIR_DIFFUSION_TEST_NAN) skips that step on both.
+a NaN injected on rank 1 at step 1 (through the trainer's public `before_reduce` hook) skips that step on both.
 """
 
 import json
@@ -25,7 +25,10 @@ def flat_params(tr):
 def main():
     out_file, run_dir, config = sys.argv[1], sys.argv[2], sys.argv[3]
     acc = Accelerator(cpu=True)
-    cfg = load_config(config, tiny_overrides(run_dir, "train.max_steps=3", "finetune.rank=4"))
+    # confidence threshold 0: every image gets an alignment target, so each process's loss is far from zero (with the
+    # random judge's near-uniform probabilities none would pass 0.8, and the losses would be rounding noise)
+    cfg = load_config(config, tiny_overrides(run_dir, "train.max_steps=3", "finetune.rank=4",
+                                             "loss.confidence_threshold=0.0"))
     tr = Trainer(cfg, accelerator=acc)
     res = {"world": acc.num_processes}
 
@@ -47,6 +50,12 @@ def main():
         reduce(logs, keys)
 
     tr._mean_over_ranks = spy
+
+    def nan_on_rank1_step1(trainer):
+        if trainer.rank == 1 and trainer.step_count == 1:
+            next(iter(trainer.params.values())).grad.view(-1)[0] = float("nan")
+
+    tr.before_reduce.append(nan_on_rank1_step1)
     for _ in range(3):
         before = flat_params(tr).clone()
         logs = tr.step()

@@ -61,7 +61,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
 def test_two_processes_agree(tmp_path):
     """accelerate launch --multi_gpu with 2 CPU processes (gloo), as environment.md describes."""
     out = tmp_path / "res.json"
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", FAIR_DIFFUSION_TEST_NAN="1:1", OMP_NUM_THREADS="1",
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1",
                PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
