@@ -75,6 +75,12 @@ class AttributeConfig:
     factor2: float = 1.0
     """gradient factor inside the face region of such an image"""
 
+    def __post_init__(self):
+        for f in ("factor1", "factor2"):
+            v = getattr(self, f)
+            if not (0 <= v <= 1) or math.isnan(v):
+                raise ValueError(f"{f} = {v}: expected a number in [0, 1]")
+
 
 @dataclass
 class PromptsConfig:
@@ -131,6 +137,12 @@ class LossConfig:
     debiasing gender x race): each finetuned image whose original was classified with confidence >=
     `confidence_threshold` gets a cross-entropy towards the original's class, weighted by `w_keep`"""
     w_keep: float = 1.0
+
+    def __post_init__(self):
+        if len(set(self.keep)) != len(self.keep):
+            raise ValueError(f"keep = {self.keep}: expected each classifier output once")
+        if self.w_keep < 0 or math.isnan(self.w_keep):
+            raise ValueError(f"w_keep = {self.w_keep}: expected a number >= 0")
 
 
 @dataclass
@@ -224,6 +236,14 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     source: str = field(default="<defaults>", metadata={"internal": True})
+
+    def __post_init__(self):
+        """Checks across sections (each section checks its own values when it is built)."""
+        self.attribute_specs()  # the target distributions
+        for head in self.loss.keep:
+            if head in self.attributes:
+                raise ConfigError(f"{self.source}: loss.keep lists '{head}', which is also debiased (attributes.{head}); "
+                                  "an attribute is either aligned to its target or kept, not both")
 
     def attribute_specs(self):
         """The configured attributes as `common.attributes.Attribute`s, targets resolved, in config order."""
@@ -394,7 +414,7 @@ def _convert(value: Any, tp, where: str, source: str):
 def _build(cls, data: dict, prefix: str, source: str):
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    kwargs = {}
+    kwargs = {"source": source} if "source" in {f.name for f in dataclasses.fields(cls)} else {}
     for key, value in data.items():
         where = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
@@ -404,7 +424,12 @@ def _build(cls, data: dict, prefix: str, source: str):
         kwargs[key] = _convert(value, hints[key], where, source)
     try:
         return cls(**kwargs)
+    except ConfigError:  # already names the file and the key
+        raise
     except ValueError as e:
+        key = str(e).split(" = ", 1)[0]  # "w_keep = -1: ..." names its key: spell out the whole path
+        if prefix and key in fields:
+            raise ConfigError(f"{source}: {prefix}.{e}") from None
         raise ConfigError(f"{source}: {prefix or 'config'}: {e}") from None
 
 
@@ -431,23 +456,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         source_note = " (+ --set overrides)"
         if not source.endswith(source_note):
             source += source_note
-    cfg = _build(Config, data, "", source)
-    cfg.source = source
-    cfg.attribute_specs()  # validates the target distributions now, with the file name
-    for name, ac in cfg.attributes.items():
-        for f in ("factor1", "factor2"):
-            v = getattr(ac, f)
-            if not (0 <= v <= 1) or math.isnan(v):
-                raise ConfigError(f"{source}: attributes.{name}.{f} = {v}: expected a number in [0, 1]")
-    for head in cfg.loss.keep:
-        if head in cfg.attributes:
-            raise ConfigError(f"{source}: loss.keep lists '{head}', which is also debiased (attributes.{head}); "
-                              "an attribute is either aligned to its target or kept, not both")
-    if len(set(cfg.loss.keep)) != len(cfg.loss.keep):
-        raise ConfigError(f"{source}: loss.keep = {cfg.loss.keep}: expected each classifier output once")
-    if cfg.loss.w_keep < 0 or math.isnan(cfg.loss.w_keep):
-        raise ConfigError(f"{source}: loss.w_keep = {cfg.loss.w_keep}: expected a number >= 0")
-    return cfg
+    return _build(Config, data, "", source)  # every check runs in the dataclasses' __post_init__
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -68,11 +68,11 @@ def test_yaml_exponent_without_dot_is_a_float(tmp_path):
         ("attributes: {gender: {target: [0.6, 0.6]}}\n", ["c.yaml", "attributes.gender.target", "sum to 1"]),
         ("attributes: {race: {target: [0.5, 0.5]}}\n", ["attributes.race.target", "2 entries, expected 4"]),
         ("attributes: {hair: {}}\n", ["attributes.hair", "unknown attribute", "presets"]),
-        ("attributes: {gender: {factor1: 2}}\n", ["attributes.gender.factor1", "[0, 1]"]),
+        ("attributes: {gender: {factor1: 2}}\n", ["c.yaml", "attributes.gender.factor1 = 2", "[0, 1]"]),
         ("finetune: {rank: 0}\n", ["finetune", "rank must be >= 1"]),
         ("attributes: {gender: {}}\nloss: {keep: [gender]}\n", ["loss.keep", "'gender'", "attributes.gender"]),
         ("attributes: {gender: {}}\nloss: {keep: [age, age]}\n", ["loss.keep", "['age', 'age']", "once"]),
-        ("loss: {w_keep: -1}\n", ["loss.w_keep = -1", ">= 0"]),
+        ("loss: {w_keep: -1}\n", ["c.yaml", "loss.w_keep = -1", ">= 0"]),
         ("sampling: {train_steps: [3, 5], dft_last_k: 4}\n", ["sampling", "dft_last_k", "train_steps[0] = 3", "got 4"]),
     ],
 )
@@ -81,6 +81,22 @@ def test_errors_name_file_key_value(tmp_path, text, fragments):
         load_config(write(tmp_path, text))
     for f in fragments:
         assert f in str(e.value), (f, str(e.value))
+
+
+def test_sections_built_in_code_are_checked_too():
+    """The checks live in the dataclasses, so a config built in Python is held to the same rules as a YAML file."""
+    from common.config import AttributeConfig, Config, LossConfig
+
+    with pytest.raises(ValueError, match=r"w_keep = -1: expected a number >= 0"):
+        LossConfig(w_keep=-1)
+    with pytest.raises(ValueError, match=r"keep = \['age', 'age'\]"):
+        LossConfig(keep=["age", "age"])
+    with pytest.raises(ValueError, match=r"factor2 = 1.5: expected a number in \[0, 1\]"):
+        AttributeConfig(factor2=1.5)
+    with pytest.raises(ConfigError, match="loss.keep lists 'gender', which is also debiased"):
+        Config(loss=LossConfig(keep=["gender"]))
+    with pytest.raises(ConfigError, match="attributes.gender.target"):
+        Config(attributes={"gender": AttributeConfig(target=[0.7, 0.7])})
 
 
 def test_override_errors(tmp_path):
