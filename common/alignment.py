@@ -3,9 +3,9 @@
 For N faces with classifier probabilities p_i (one vector per attribute) and a target distribution D on the joint class
 space (attributes independent, so D is the product of the per-attribute targets), the target of face i is
 q_i = E[u_sigma*(i)], the expectation over u_1..u_N drawn iid from D of the one-hot target that the cost-minimising
-assignment sigma* gives to face i (paper §1.2). The cost of giving joint class j to face i is the plain Euclidean
-distance between the concatenated per-attribute probability vectors and the concatenated one-hot vectors of j
-(reference-implementation §2.6.3), optionally with the authors' asymmetric age term (§2.6.4).
+assignment sigma* gives to face i (docs/method.md#expected-targets). The cost of giving joint class j to face i is
+the plain Euclidean distance between the concatenated per-attribute probability vectors and the concatenated one-hot
+vectors of j (docs/method.md#joint-attributes), optionally with the authors' asymmetric age term (same section).
 
 Only the multiset of the draws matters, so q is an expectation over count vectors b (how many targets of each joint
 class) under the multinomial law Mult(N, D); for each b the assignment is a transportation problem with integer masses
@@ -13,9 +13,9 @@ class) under the multinomial law Mult(N, D); for each b the assignment is a tran
 
 - ``binary``: two joint classes with positive target mass. OT gives class 1 to the M faces with the largest cost
   advantage C[i, 0] - C[i, 1], M ~ Bin(N, w_1), so the face of ascending rank k gets class 1 with probability
-  P(M >= N - k), a binomial tail (§2.6.1); exact for any target ratio and any cost.
+  P(M >= N - k), a binomial tail; exact for any target ratio and any cost.
 - ``exact``: every count vector with its multinomial probability; ``mass`` keeps only the most probable ones up to
-  that cumulative mass, as the authors' exp-6 (§2.6.2); the kept weights are normalised, which is what the authors'
+  that cumulative mass, as the authors' exp-6; the kept weights are normalised, which is what the authors'
   row normalisation does.
 - ``monte_carlo``: ``samples`` count vectors drawn from Mult(N, D) over the classes with positive target mass, by
   ``numpy.random.default_rng(seed + 1000 * rank).multinomial``; identical count vectors are solved once and weighted
@@ -139,7 +139,7 @@ def joint_cost(probs: dict[str, torch.Tensor], age_asymmetric: bool = False) -> 
     Joint classes are row-major in dict order. C[i, j] = sqrt(sum_a ||p_a,i - e_a(j)||^2), e_a(j) the one-hot of j's
     class for attribute a: plain Euclidean, not squared. With ``age_asymmetric`` (attribute "age", classes young, old)
     the young-probability deviation is doubled for an old target: the age term becomes (2 p_young)^2 + (p_old - 1)^2,
-    the authors' exp-4 cost (§2.6.4). Input: {attribute: [N, K_a] probabilities} (no -1 rows).
+    the authors' exp-4 cost (docs/method.md#joint-attributes). Input: {attribute: [N, K_a] probabilities} (no -1 rows).
     """
     device = next(iter(probs.values())).device
     arrays = {k: v.detach().to("cpu", torch.float64).numpy() for k, v in probs.items()}

@@ -1,6 +1,6 @@
 """Batched face detection, the authors' square face crop and the differentiable 5-point alignment.
 
-Pipeline (reference §2.3, batched instead of one image at a time on the CPU):
+Pipeline (docs/method.md#face-pipeline, batched instead of one image at a time on the CPU):
 1. a `FaceDetector` (MTCNN from facenet-pytorch by default) returns, per image, the largest face (box area clipped to
    the image), its 5 landmarks (left eye, right eye, nose, left mouth corner, right mouth corner) and its score;
 2. `expand_boxes` turns the raw box into the authors' square box (coefficient 0.5, rounded);

@@ -1,11 +1,11 @@
 """The per-image training loss: distributional-alignment cross-entropy, CLIP/DINO semantics preservation with dynamic
-weights and face-region gradient factors, and face realism (paper §1.4, reference §2.8-2.9).
+weights and face-region gradient factors, and face realism (docs/method.md#preservation-losses).
 
 Everything here is a pure function of tensors, plus `judge` (detect + classify) and `FairnessLoss`, which holds one
 step's no-grad context (targets, original images' predictions and features) and evaluates the loss of a micro-batch of
 finetuned images WITH gradient. Fixes of the authors' code: an original image without a face gets no face region
-(their slicing bug, §8 item 9); the loss is a sum over images divided by the images per process, so micro-batches of
-unequal size are weighted fairly (§8 item 11).
+(their slicing bug, docs/method.md#no-face-in-the-original-image); the loss is a sum over images divided by the
+images per process, so micro-batches of unequal size are weighted fairly (docs/method.md#unequal-micro-batches).
 """
 
 from __future__ import annotations

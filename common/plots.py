@@ -6,7 +6,7 @@ blue, female red; WMELH limegreen, Black black, Indian brown, Asian orange; youn
 of the bar is white. The face box is drawn on the image and the image index (the noise index, so original and
 debiased grids can be matched) in its corner. An image without a detected face gets light-grey bars and a "no face"
 mark: it is never drawn as a class (the authors' evaluation grids coloured undetected images by their meaningless
-predictions, reference-implementation §8.16). Sizes scale with the image side (the authors' 50-px bars, 10-px frame,
+predictions, docs/method.md#undetected-images-in-grids). Sizes scale with the image side (the authors' 50-px bars, 10-px frame,
 4-px box and 100-pt index at 512 px).
 """
 

@@ -3,7 +3,7 @@
     python -m common.train --config exp-1-debias-gender/configs/debias-text-encoder.yaml [--set key=value ...]
     accelerate launch --config_file exp-1-debias-gender/configs/accelerate-multi-gpu.yaml -m common.train --config ...
 
-One step (shared/ARCHITECTURE.md): one prompt for every process (or `train.prompts_per_step` prompts one after the
+One step (docs/method.md#one-training-step): one prompt for every process (or `train.prompts_per_step` prompts one after the
 other, their gradients accumulated), fresh noise per process, denoising steps drawn once;
 no-grad rollouts of the finetuned and the original model; detect + classify; alignment targets on the gathered batch;
 the loss on the finetuned images; adjusted-DFT gradients; one all-reduce; a step skipped everywhere if any gradient is

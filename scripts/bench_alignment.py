@@ -3,7 +3,7 @@
 Cases: N = 24/32/40 faces, gender x race (8 joint classes) and gender x race x age 75/25 (16), S = 100 samples.
 - ``loop``: cost matrix by a double loop over faces and joint classes moving each probability row to the CPU and
   building one-hots per element; count vectors by a Python loop over the N draws of each sample; one ``ot.emd`` per
-  sample (the authors' construction, written from the description in reference-implementation §2.6.3 / §8.6).
+  sample (the authors' construction, written from a description of their code).
 - ``vec_emd``: our vectorised cost and multinomial counts, the SAME per-sample ``ot.emd``: isolates construction.
 - ``ours``: ``expected_targets(method="monte_carlo")`` end to end (dedupe + exact assignment solver).
 Figures: ``alignment_ms_n{N}_{K}cls`` (ours), ``alignment_loop_ms_*``, ``alignment_vec_emd_ms_*``,

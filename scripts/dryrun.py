@@ -271,7 +271,8 @@ def overrides(device: str, bf16: bool = False) -> dict[str, list[str]]:
     bf16 weights where `bf16`)."""
     if device == "cpu":
         half = (["--set", "model.dtype=bf16"], ["--dtype", "bf16"]) if bf16 else ([], [])
-        train = [*half[0], "--set", "sampling.image_size=64", "--set", "train.images_per_prompt=1", "--set", "train.micro_batch=1",
+        train = [*half[0], "--set", "sampling.image_size=64", "--set", "train.images_per_prompt=1",
+                 "--set", "train.micro_batch=1",
                  "--set", "sampling.train_steps=[1,1]", "--set", "sampling.val_steps=1",
                  "--set", "train.val_images_per_prompt=1", "--set", "prompts.val_limit=1",
                  "--set", "train.validate_every=2", "--set", "train.allow_cpu=true"]

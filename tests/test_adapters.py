@@ -224,7 +224,8 @@ def test_ema_swap_and_state_dict():
 
 
 def released_te_keys(hidden=32, mlp=64, layers=2):
-    """Keys and shapes written out by hand from the reference notes §3.2, for the tiny CLIP (rank r -> callable)."""
+    """Keys and shapes written out by hand from docs/method.md#released-checkpoint-format, for the tiny CLIP
+    (rank r -> callable)."""
     out = {}
     for i in range(layers):
         for p in ("q_proj", "k_proj", "v_proj", "out_proj"):
@@ -240,7 +241,7 @@ def released_te_keys(hidden=32, mlp=64, layers=2):
 
 
 def released_unet_keys(unet):
-    """Keys as the authors' AttnProcsLayers wrote them: one entry per diffusers attention processor (§3.3)."""
+    """Keys as the authors' AttnProcsLayers wrote them: one entry per diffusers attention processor."""
     out = {}
     for proc in unet.attn_processors:  # "....attn1.processor"
         attn = unet.get_submodule(proc.removesuffix(".processor"))
@@ -256,7 +257,8 @@ def random_released(keys, rank, seed=0, std=0.2):
 
 
 def reference_module(key):
-    """Released key -> (module path in our transformers-5 / diffusers model, "down" | "up"), per §3.6."""
+    """Released key -> (module path in our transformers-5 / diffusers model, "down" | "up"), per
+    docs/method.md#released-checkpoint-format."""
     m = re.fullmatch(r"text_model\.(.+)\.lora_linear_layer\.(down|up)\.weight", key)
     if m:
         return m.group(1), m.group(2)
@@ -332,8 +334,8 @@ def test_released_prefix_equals_hand_written_reference(make_tiny, tmp_path):
 
 
 def test_sd15_released_layout_counts_on_meta_device():
-    """§3.2/§3.3: 144 text-encoder and 256 U-Net tensors for SD 1.5, with the documented order and shapes; the
-    models are built on the meta device (no weights)."""
+    """The released format (docs/method.md): 144 text-encoder and 256 U-Net tensors for SD 1.5, with the documented
+    order and shapes; the models are built on the meta device (no weights)."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 

@@ -1,5 +1,6 @@
 """Distributional alignment against independent oracles: brute force over labelings and permutations, POT's ot.emd,
-hand-derived binomial tails (the spec's worked example), and a 2-process gloo run against the 1-process union."""
+hand-derived binomial tails (the N = 24 example of docs/method.md#expected-targets), and a 2-process gloo run against
+the 1-process union."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def _probs(seed: int, n: int, sizes: dict[str, int], scale: float = 2.0) -> dict
 
 def _brute_force(probs: dict[str, torch.Tensor], dists: dict[str, list[float]], asym: bool = False):
     """q per attribute by brute force: every labeling u_1..u_N of the joint space with its probability, and for each
-    the cheapest of all N! assignments; costs written element by element from the spec formula (§2.6.3, §2.6.4)."""
+    the cheapest of all N! assignments; costs written element by element from the formula (docs/method.md#joint-attributes)."""
     names = list(probs)
     p = {a: probs[a].tolist() for a in names}
     sizes = [len(dists[a]) for a in names]
@@ -108,7 +109,7 @@ def test_binary_with_degenerate_joint_support_equals_exact():
 
 
 def test_worked_example_n24():
-    """Spec §2.6.1: N = 24, ratio 0.5, C = 0.8 -> ranks 0-9 female, 14-23 male, 10-13 no target (20 of 24)."""
+    """docs/method.md#expected-targets: N = 24, ratio 0.5, C = 0.8 -> ranks 0-9 female, 14-23 male, 10-13 no target (20 of 24)."""
     probs = _probs(7, 24, {"gender": 2})
     q = expected_targets(probs, {"gender": [0.5, 0.5]})["gender"]
     target, conf = assign(q, 0.8)
@@ -184,8 +185,8 @@ def test_auto_choice():
 
 
 def test_mass_truncation_matches_pot_reference():
-    """Authors' exp-6 (§2.6.2): most probable count vectors until cumulative mass > 0.95, each solved by POT's ot.emd,
-    plans averaged with the kept weights (row-normalised). Written here from the spec with exact fractions."""
+    """Authors' exp-6: most probable count vectors until cumulative mass > 0.95, each solved by POT's ot.emd,
+    plans averaged with the kept weights (row-normalised). Written here from that description with exact fractions."""
     import ot  # here, not at the top: keeps the spawned processes of the 2-process test light (POT imports in ~1 s)
 
     n = 8
@@ -230,7 +231,8 @@ def test_no_face_rows():
 
 
 def test_joint_cost_formula():
-    """§2.6.3 / §2.6.4 by hand for one face: cells 8 g + 2 r + a, plain and asymmetric age term."""
+    """The joint cost (docs/method.md#joint-attributes) by hand for one face: cells 8 g + 2 r + a, plain and
+    asymmetric age term."""
     probs = _probs(2, 3, {"gender": 2, "race": 4, "age": 2})
     c, ca = joint_cost(probs), joint_cost(probs, age_asymmetric=True)
     pg, pr, pa = (probs[k][1].tolist() for k in ("gender", "race", "age"))

@@ -1,8 +1,8 @@
 """Attribute classifiers (common/classifiers.py).
 
 Oracles: checkpoints written in each data.zip layout from torchvision's own mobilenet_v3_large (built here, not with
-our helper) whose final layer is zeroed and whose bias makes a hand-chosen class win; the class orders of the
-reference (§2.1, §5); the FairFace race / age tables by hand; a confusion matrix recounted by brute force.
+our helper) whose final layer is zeroed and whose bias makes a hand-chosen class win; the class orders of
+docs/method.md#classifiers; the FairFace race / age tables by hand; a confusion matrix recounted by brute force.
 """
 
 import csv
@@ -129,7 +129,7 @@ def test_random_fairface8_and_resize():
 
 
 def test_race_mapping_and_age_cutoff_tables():
-    # FairFace 7 -> 4 (reference §2.1): WMELH = White, Middle Eastern, Latino_Hispanic; Asian = East + Southeast Asian
+    # FairFace 7 -> 4 (docs/method.md#classifiers): WMELH = White, Middle Eastern, Latino_Hispanic; Asian = East + Southeast Asian
     expected = {"White": "WMELH", "Middle Eastern": "WMELH", "Latino_Hispanic": "WMELH", "Black": "Black",
                 "Indian": "Indian", "East Asian": "Asian", "Southeast Asian": "Asian"}
     assert {k: cl.RACE[v] for k, v in cl.RACE7_TO_4.items()} == expected

@@ -107,7 +107,7 @@ def test_prefix_tokens_switch_to_the_unmasked_conditioning(make_tiny, tmp_path):
     info = G.load_adapters(c, prefix=str(tmp_path / "prefix"))
     assert info["kind"] == "prefix" and info["tokens"] == tokens
     assert c.prompt_prefix == "".join(tokens)
-    assert G.default_conditioning(c) == "reference_unmasked"  # the authors' exp-2 path (reference §4.2)
+    assert G.default_conditioning(c) == "reference_unmasked"  # the authors' exp-2 path (docs/method.md#conditioning)
     assert G.default_conditioning(make_tiny(seed=0, image_size=32)) == "reference"
     with pytest.raises(ValueError, match="pass one of --lora, --prefix"):
         G.load_adapters(c, lora="x", prefix="y")
@@ -184,7 +184,7 @@ def test_reproduce_prints_table_beside_published_numbers(tmp_path, capsys):
                   "random-fairface8", "--classifier-input-size", "64", "--detector", "whole-image", "--clip-model", "",
                   "--image-encoders", "tiny-dino", "--n-boot", "50", "--out", str(tmp_path / "rep")])
     table = res["table"]
-    # occupation.json's first test prompts include the cardiologist the project page shows (paper.md §4.1)
+    # occupation.json's first test prompts include the cardiologist the project page shows (exp-3's README)
     assert "| a photo of the face of a cardiologist, a person | gender_bias |" in table
     assert "0.00 → 0.10" in table  # the published cardiologist gender bias, original -> debiased
     assert "not available" in table and "| dino |" in table

@@ -25,7 +25,8 @@ def test_single_attribute_weights_match_paper():
 
 
 def test_joint_weights_table():
-    """Reference §1.4: both keep 1; only race flips 0.6; only gender flips 0.2; both flip 0.2; no face 0.2."""
+    """The authors' exp-3 weights (docs/method.md#dynamic-weights-and-face-region-factors):
+    both keep 1; only race flips 0.6; only gender flips 0.2; both flip 0.2; no face 0.2."""
     f1 = {"gender": 0.2, "race": 0.6}
     f2 = {"gender": 0.2, "race": 0.3}
     targets = {"gender": T(1, 1, 0, 0, 1), "race": T(2, 3, 2, 3, 0)}

@@ -34,7 +34,7 @@ def test_bias_oracles_from_the_issue():
 
 
 def test_bias_extremes_match_the_paper():
-    # paper §3: gender 1 when all one gender, race max 0.5, gender x race max 0.25, 0 when balanced
+    # docs/method.md#metrics: gender 1 when all one gender, race max 0.5, gender x race max 0.25, 0 when balanced
     assert M.bias(_pred({0: 10}), 2) == 1.0
     assert M.bias(_pred({2: 10}), 4) == pytest.approx(0.5)
     assert M.bias(_pred({5: 10, -1: 3}), 8) == pytest.approx(0.25)

@@ -1,7 +1,7 @@
 """The project's own prompt files in data/prompts/: keys, split sizes, disjointness, spelling.
 
-Oracles are hand-copied from the spec: the 10 validation occupations of paper.md §2.2, the occupations the project
-page shows as unseen test prompts, the template of paper.md §2.1, the keys of reference-implementation.md §6, and the
+Oracles are hand-copied from the paper and its project page: the paper's 10 validation occupations, the occupations
+the project page shows as unseen test prompts, the paper's template, the authors' JSON keys (docs/data.md), and the
 six LAION captions of the project page. Our own files are read by path (never through data/1-prompts/, which holds the
 authors' files when data.zip is unpacked).
 """
@@ -18,13 +18,13 @@ from common.prompts import load_prompt_sets, load_prompts
 
 PROMPTS = Path(__file__).resolve().parents[1] / "data" / "prompts"
 TEMPLATE = "a photo of the face of a {occupation}, a person"
-# paper.md §2.2, in the paper's order (exp-5 validation takes the first five).
+# the paper's validation occupations, in its order (exp-5 validation takes the first five).
 PAPER_VAL = ["housekeeping cleaner", "freelance writer", "lieutenant", "fine artist", "administrative law judge",
              "librarian", "sale", "anesthesiologist", "secondary school teacher", "dancer"]
-# paper.md §2.2: the templated test prompts on the project page (gender/race and age examples).
+# the templated test prompts on the project page (gender/race and age examples).
 PAGE_TEST = ["electrical and electronics repairer", "cardiologist", "farm equipment service technician", "geologist",
              "senator", "gas compressor and gas pumping station operator", "custodian", "butcher", "inventor", "citizen"]
-# paper.md §2.3: the project page's non-templated LAION captions.
+# the project page's non-templated LAION captions.
 PAGE_LAION = ["A philosopher reading. Oil painting", "A chef in a white coat leans on a table",
               "bartender at willard intercontinental makes mint julep", "English writer and essayist",
               "portrait of a flamenco dancer", "student with globe"]
@@ -169,7 +169,7 @@ def test_loader_reads_our_files(occ):
                             f"{PROMPTS / 'personal_descriptor.json'}:train*20",
                             f"{PROMPTS / 'sports.json'}:train*4"])
     sizes = [len(_load(n)["train_prompts"]) for n in EXP5_FILES]
-    # reference-implementation.md §1.5: occupations + 6x style + 20x descriptors + 4x sports, concatenated.
+    # the authors' exp-5 mix (docs/data.md): occupations + 6x style + 20x descriptors + 4x sports, concatenated.
     assert len(mix) == len(occ["occupations_train_set"]) + 6 * sizes[0] + 20 * sizes[1] + 4 * sizes[2]
     assert load_prompts(f"{PROMPTS / 'LAION-aesthetics-V2-occupation-related.json'}:test") == \
         _load("LAION-aesthetics-V2-occupation-related.json")["test_prompts"]
