@@ -4,7 +4,7 @@
   mean/std) and DINOv2 CLS (facebook/dinov2-base: the weights of torch.hub's dinov2_vitb14, ImageNet mean/std); both
   take whole images [N, 3, H, W] in [-1, 1], resize them to 224 and return L2-normalised fp32 [N, D].
 - Face encoders (`load_face_encoder`): aligned faces [N, 3, 112, 112] in [-1, 1] -> normalize(f(x) + f(hflip x))
-  [N, 512]: facenet-pytorch InceptionResnetV1 (VGGFace2) or the data.zip OpenSphere SFNet-20 (Appendix B).
+  [N, 512]: facenet-pytorch InceptionResnetV1 (VGGFace2) or the data.zip OpenSphere SFNet-20 (docs/method.md#face-identity-backbone).
 - `FaceBank`: a normalised [M, D] matrix of real-face features with batched top-1 dot-product search; built by
   `python -m common.features build-bank --images DIR --out FILE`.
 Every encoder applies its own normalisation and input size, may hold fp16/bf16 weights, and passes gradients to the
@@ -197,7 +197,7 @@ def _tiny_dino(path=None, antialias: bool = False, seed: int = 0) -> ImageEncode
 
 
 class SFNet20(nn.Module):
-    """OpenSphere "sfnet20_deprecated" (Appendix B), written from its description.
+    """OpenSphere "sfnet20_deprecated" (docs/method.md#face-identity-backbone), written from its description.
 
     [N, 3, 112, 112] in [-1, 1] -> [N, 512]. Four stages of 64/128/256/512 channels; each starts with a 3x3 stride-2
     convolution (bias) + ReLU, then k = 1, 2, 4, 1 residual blocks x + relu(conv2(relu(conv1(x)))); no normalisation;

@@ -39,7 +39,7 @@ def test_tiny_components_generate_through_diffusers(tiny):
      (25, [999, 959, 919, 879], [120, 80, 40]), (30, [999, 966, 932, 899], [100, 67, 33])],
 )
 def test_scheduler_timesteps_match_reference(steps, head, tail):
-    """Appendix A of the reference notes: diffusers 0.19.3 linspace timesteps."""
+    """docs/method.md#reference-numbers: diffusers 0.19.3 linspace timesteps."""
     s = make_scheduler()
     s.set_timesteps(steps)
     t = s.timesteps.tolist()

@@ -2,7 +2,7 @@
 
 Oracles: diffusers' own StableDiffusionPipeline (padded conditioning, pre-computed embeddings, the per-step latents
 through its callback, and its exact gradient when run with autograd), the text encoder run on hand-built token /
-position inputs, c_t from a hand-built beta table and Appendix A of the reference notes, the DDIM closed form and finite
+position inputs, c_t from a hand-built beta table and docs/method.md#reference-numbers, the DDIM closed form and finite
 differences for the solver scalars, and the `reference` (hooked chain) form for the `fast` one.
 """
 
@@ -190,7 +190,7 @@ def test_shared_unet_batch_and_chunking_match_separate_rollouts(make_tiny):
 
 @pytest.mark.parametrize("steps,raw_last,norm_last", [(19, 198.0, 3.22), (25, 182.7, 2.91)])
 def test_dft_coefficients_match_appendix_a(steps, raw_last, norm_last):
-    """Appendix A: raw c 5.675 at t=999, 198 at t=53 / 182.7 at t=40; normalised first ~0.09, last 3.22 / 2.91.
+    """docs/method.md#reference-numbers: raw c 5.675 at t=999, 198 at t=53 / 182.7 at t=40; normalised first ~0.09, last 3.22 / 2.91.
     Also equal to c_t from an fp64 beta table built by hand (SD's scaled-linear betas); tolerance 1e-4 relative
     because the scheduler stores alphas = 1 - betas in fp32 (observed 9e-6)."""
     sched = make_scheduler()
