@@ -4,7 +4,8 @@
   mean/std) and DINOv2 CLS (facebook/dinov2-base: the weights of torch.hub's dinov2_vitb14, ImageNet mean/std); both
   take whole images [N, 3, H, W] in [-1, 1], resize them to 224 and return L2-normalised fp32 [N, D].
 - Face encoders (`load_face_encoder`): aligned faces [N, 3, 112, 112] in [-1, 1] -> normalize(f(x) + f(hflip x))
-  [N, 512]: facenet-pytorch InceptionResnetV1 (VGGFace2) or the data.zip OpenSphere SFNet-20 (docs/method.md#face-identity-backbone).
+  [N, 512]: facenet-pytorch InceptionResnetV1 (VGGFace2) or the data.zip OpenSphere SFNet-20
+  (docs/method.md#face-identity-backbone).
 - `FaceBank`: a normalised [M, D] matrix of real-face features with batched top-1 dot-product search; built by
   `python -m common.features build-bank --images DIR --out FILE`.
 Every encoder applies its own normalisation and input size, may hold fp16/bf16 weights, and passes gradients to the

@@ -1,7 +1,8 @@
 """Image / face-identity encoders and the face bank (common/features.py).
 
 Oracles: the encoders' pipelines recomputed by hand from transformers' / facenet-pytorch's own modules and
-transformers' published normalisation constants; a functional SFNet-20 written from docs/method.md#face-identity-backbone with F.conv2d; the
+transformers' published normalisation constants; a functional SFNet-20 written from
+docs/method.md#face-identity-backbone with F.conv2d; the
 flip symmetry of flip-add; brute-force nearest neighbours; the authors' pickle format written with plain pickle.
 """
 
@@ -154,7 +155,8 @@ def test_facenet_loads_a_weights_file_strictly(tmp_path, facenet_random):
 
 
 def _sfnet_by_hand(sd, x):
-    """docs/method.md#face-identity-backbone, functionally: 4 stages (stride-2 conv + ReLU, then x + relu(conv2(relu(conv1 x)))), flatten, fc."""
+    """docs/method.md#face-identity-backbone, functionally: 4 stages (stride-2 conv + ReLU, then x +
+    relu(conv2(relu(conv1 x)))), flatten, fc."""
     for s, k in zip(range(1, 5), (1, 2, 4, 1)):
         x = F.relu(F.conv2d(x, sd[f"layer{s}.0.conv1.weight"], sd[f"layer{s}.0.conv1.bias"], stride=2, padding=1))
         for j in range(1, k + 1):
@@ -166,7 +168,8 @@ def _sfnet_by_hand(sd, x):
 def test_sfnet20_layout_load_and_output(tmp_path, monkeypatch):
     net = fe.SFNet20()
     sd = net.state_dict()
-    # keys and shapes from docs/method.md#face-identity-backbone: 4 stride-2 convs (2 keys each), 8 residual blocks (4 keys each), fc
+    # keys and shapes from docs/method.md#face-identity-backbone: 4 stride-2 convs (2 keys each), 8 residual blocks
+    # (4 keys each), fc
     assert len(sd) == 4 * 2 + 8 * 4 + 2
     assert sd["layer1.0.conv1.weight"].shape == (64, 3, 3, 3) and sd["layer4.1.conv2.weight"].shape == (512, 512, 3, 3)
     assert sd["layer3.4.conv1.bias"].shape == (256,) and sd["fc.weight"].shape == (512, 512 * 7 * 7)

@@ -190,7 +190,8 @@ def test_shared_unet_batch_and_chunking_match_separate_rollouts(make_tiny):
 
 @pytest.mark.parametrize("steps,raw_last,norm_last", [(19, 198.0, 3.22), (25, 182.7, 2.91)])
 def test_dft_coefficients_match_appendix_a(steps, raw_last, norm_last):
-    """docs/method.md#reference-numbers: raw c 5.675 at t=999, 198 at t=53 / 182.7 at t=40; normalised first ~0.09, last 3.22 / 2.91.
+    """docs/method.md#reference-numbers: raw c 5.675 at t=999, 198 at t=53 / 182.7 at t=40; normalised first ~0.09,
+    last 3.22 / 2.91.
     Also equal to c_t from an fp64 beta table built by hand (SD's scaled-linear betas); tolerance 1e-4 relative
     because the scheduler stores alphas = 1 - betas in fp32 (observed 9e-6)."""
     sched = make_scheduler()
