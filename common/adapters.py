@@ -8,7 +8,8 @@
 - EMA of the trainable tensors with the authors' warm-up.
 - Files: the diffusers LoRA format (`pytorch_lora_weights.safetensors`, loadable by `pipe.load_lora_weights`), a
   textual-inversion file per prefix token (loadable by `pipe.load_textual_inversion`), and a strict importer of the
-  authors' released `.pth` files (`text_encoder_lora_EMA.pth`, `unet_lora_EMA.pth`, `prefix_embedding_EMA.pth`).
+  authors' released `.pth` files (`text_encoder_lora_EMA.pth`, `unet_lora_EMA.pth`, `prefix_embedding_EMA.pth`),
+  which converts them to those formats from the files alone or checks them against a base model.
 
 Trainable names are stable and independent of peft's adapter naming: `text_encoder.<module>.lora_A.weight`,
 `unet.<module>.lora_B.weight`, `prefix.embeddings`.
@@ -18,10 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import json
 import random
 import re
+from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -62,6 +66,13 @@ def _lora_layers(model: nn.Module, adapter: str = ADAPTER) -> list[tuple[str, nn
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A]
 
 
+def _lora_config(rank: int, targets: Sequence[str]):
+    """The peft config of every LoRA this project adds or writes (shared so the exported metadata cannot drift)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(targets))
+
+
 def add_lora(components, text_encoder: bool, unet: bool, rank: int) -> None:
     """Add trainable LoRA adapters (peft) to the text encoder and/or the U-Net of `components`, in place.
 
@@ -69,8 +80,6 @@ def add_lora(components, text_encoder: bool, unet: bool, rank: int) -> None:
     `TE_TARGETS` / `UNET_TARGETS`. The LoRA tensors are fp32 and require grad whatever the base dtype (peft casts
     the layer input to fp32 for the LoRA branch and the sum back to the base dtype); the base stays frozen.
     """
-    from peft import LoraConfig
-
     if not (text_encoder or unet):
         raise ValueError("add_lora: nothing to adapt; set text_encoder and/or unet to True")
     if rank < 1:
@@ -82,10 +91,7 @@ def add_lora(components, text_encoder: bool, unet: bool, rank: int) -> None:
         if _lora_layers(model):
             raise ValueError(f"add_lora: the {name} already has a LoRA adapter named '{ADAPTER}'")
         model.requires_grad_(False)
-        model.add_adapter(
-            LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(targets)),
-            adapter_name=ADAPTER,
-        )
+        model.add_adapter(_lora_config(rank, targets), adapter_name=ADAPTER)
         for _, layer in _lora_layers(model):
             for part in (layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]):
                 part.float().requires_grad_(True)
@@ -482,6 +488,25 @@ _TE_ORDER = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_a
 _UNET_ATTN = re.compile(r"(?:down_blocks\.\d+|up_blocks\.\d+|mid_block)\.attentions\.\d+\.transformer_blocks\.\d+\.attn[12]")
 _UNET_PROJ = (("to_q", "to_q_lora"), ("to_k", "to_k_lora"), ("to_v", "to_v_lora"), ("to_out.0", "to_out_lora"))
 _PREFIX_KEYS = ("position_ids", "position_embedding.weight", "token_embedding.weight")
+_RELEASED_KEY = {
+    "text_encoder": re.compile(r"text_model\.encoder\.layers\.(\d+)\.(self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])"
+                               r"\.lora_linear_layer\.(down|up)\.weight"),
+    "unet": re.compile(r"(((?:down|up)_blocks\.\d+|mid_block)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.attn[12])"
+                       r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight"),
+}
+_KEY_FORM = {
+    "text_encoder": "'text_model.encoder.layers.{i}.{self_attn.q_proj|self_attn.k_proj|self_attn.v_proj|"
+                    "self_attn.out_proj|mlp.fc1|mlp.fc2}.lora_linear_layer.{down|up}.weight'",
+    "unet": "'{down_blocks.N|mid_block|up_blocks.N}.attentions.{a}.transformer_blocks.{t}.{attn1|attn2}.processor."
+            "{to_q|to_k|to_v|to_out}_lora.{down|up}.weight'",
+    "prefix": "'position_ids', 'position_embedding.weight' and 'token_embedding.weight'",
+}
+_PART_WORDS = {"text_encoder": "text-encoder LoRA", "unet": "U-Net LoRA", "prefix": "prefix-embedding"}
+_PROJ_DIMS = {"self_attn.q_proj": ("h", "h"), "self_attn.k_proj": ("h", "h"), "self_attn.v_proj": ("h", "h"),
+              "self_attn.out_proj": ("h", "h"), "mlp.fc1": ("h", "m"), "mlp.fc2": ("m", "h"),
+              "to_q": ("h", "h"), "to_k": ("c", "h"), "to_v": ("c", "h"), "to_out": ("h", "h")}
+"""(input, output) size of each adapted projection as a symbol all of a file's (text encoder) or a processor's
+(U-Net) tensors must agree on: h hidden / query width, m CLIP MLP width, c key-value (context) width"""
 
 
 def _dims(m: nn.Module) -> tuple[int, int]:
@@ -535,24 +560,128 @@ def _read_released(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def _check_released_keys(path: Path, sd: dict, expected: Sequence[str]) -> None:
-    """Every key known and none missing; DDP (`module.`) and unrenamed `AttnProcsLayers` (`layers.N`) keys named."""
-    expected_set = set(expected)
-    example = next(iter(expected), "")
-    for k in sd:
-        if k.startswith("module."):
-            raise CheckpointError(f"{path}: key '{k}' carries a 'module.' prefix (saved from a DDP-wrapped model); "
-                                  f"expected the documented names, e.g. '{example}'")
-        if re.match(r"layers\.\d+\.", k):
-            raise CheckpointError(f"{path}: key '{k}' is an unrenamed AttnProcsLayers index ('layers.N'); expected the "
-                                  f"processor names, e.g. '{example}'")
-        if k not in expected_set:
-            close = difflib.get_close_matches(k, list(expected), n=1)
-            hint = f" (closest expected key: '{close[0]}')" if close else ""
-            raise CheckpointError(f"{path}: unknown key '{k}'{hint}; this file does not fit the model")
+def _unknown_key(path: Path, part: str, key: str) -> CheckpointError:
+    """The error for a key that a released `part` file cannot hold; DDP (`module.`), unrenamed `AttnProcsLayers`
+    (`layers.N`) and another part's keys (a misnamed file) are named as such."""
+    form = _KEY_FORM[part]
+    if key.startswith("module."):
+        return CheckpointError(f"{path}: key '{key}' carries a 'module.' prefix (saved from a DDP-wrapped model); "
+                               f"expected the documented names {form}")
+    if re.match(r"layers\.\d+\.", key):
+        return CheckpointError(f"{path}: key '{key}' is an unrenamed AttnProcsLayers index ('layers.N'); expected "
+                               f"the documented names {form}")
+    other = next((p for p, rx in _RELEASED_KEY.items() if p != part and rx.fullmatch(key)), None)
+    other = other or ("prefix" if part != "prefix" and key in _PREFIX_KEYS else None)
+    hint = f" (a key of the {_PART_WORDS[other]} file: is this file misnamed?)" if other else ""
+    return CheckpointError(f"{path}: unknown key '{key}'{hint}; a released {_PART_WORDS[part]} file holds only "
+                           f"keys {form}")
+
+
+def _expected_lora_keys(part: str, found: Sequence[re.Match]) -> list[str]:
+    """Every key a complete file covering the layers (text encoder) or blocks (U-Net) of `found` holds, in the authors'
+    order (§3.2, §3.3): without a model, completeness can only be judged within what the file covers."""
+    if part == "text_encoder":
+        n = max(int(m[1]) for m in found) + 1
+        return [f"text_model.encoder.layers.{i}.{mod}.lora_linear_layer.{d}.weight" for mlp in (False, True)
+                for i in range(n) for mod in _TE_ORDER if mod.startswith("mlp.") == mlp for d in ("down", "up")]
+    extent: dict[str, list[int]] = {}  # block -> [attentions, transformer blocks]
+    for m in found:
+        a, t = extent.setdefault(m[2], [0, 0])
+        extent[m[2]] = [max(a, int(m[3]) + 1), max(t, int(m[4]) + 1)]
+    kind = {"down_blocks": 0, "up_blocks": 1, "mid_block": 2}  # the authors' processor order
+    blocks = sorted(extent, key=lambda b: (kind[b.split(".")[0]], b))
+    return [f"{b}.attentions.{a}.transformer_blocks.{t}.{attn}.processor.{proj}_lora.{d}.weight" for b in blocks
+            for a in range(extent[b][0]) for t in range(extent[b][1]) for attn in ("attn1", "attn2")
+            for proj in ("to_q", "to_k", "to_v", "to_out") for d in ("down", "up")]
+
+
+def _check_lora_file(path: Path, part: str, sd: dict[str, torch.Tensor]) -> tuple[int, dict[str, torch.Tensor]]:
+    """Check a released LoRA file from its own keys and shapes (no model): known keys only, complete within what it
+    covers, one rank, and the sizes of every projection consistent. Returns (rank, {key: fp32 tensor}) in the
+    authors' key order."""
+    if not sd:
+        raise CheckpointError(f"{path}: holds no tensors; expected the released {_PART_WORDS[part]} keys "
+                              f"{_KEY_FORM[part]}")
+    found = {}
+    for k, v in sd.items():
+        m = _RELEASED_KEY[part].fullmatch(k)
+        if m is None:
+            raise _unknown_key(path, part, k)
+        if v.ndim != 2:
+            raise CheckpointError(f"{path}: key '{k}' has shape {list(v.shape)}, expected a matrix")
+        found[k] = m
+    expected = _expected_lora_keys(part, list(found.values()))
     missing = [k for k in expected if k not in sd]
     if missing:
-        raise CheckpointError(f"{path}: missing key '{missing[0]}' ({len(missing)} of {len(expected)} missing)")
+        raise CheckpointError(f"{path}: missing key '{missing[0]}' ({len(missing)} of the {len(expected)} keys that "
+                              f"the layers in this file need are missing)")
+    ranks = {k: v.shape[0] if found[k].groups()[-1] == "down" else v.shape[1] for k, v in sd.items()}
+    rank, n = Counter(ranks.values()).most_common(1)[0]
+    odd = next((k for k, r in ranks.items() if r != rank), None)
+    if odd is not None:
+        raise CheckpointError(f"{path}: key '{odd}' has rank {ranks[odd]} (shape {list(sd[odd].shape)}) but {n} of the "
+                              f"file's {len(sd)} tensors have rank {rank}; mixed ranks in one file cannot be converted")
+    votes: dict[tuple[str, str], Counter] = defaultdict(Counter)  # (scope, size symbol) -> sizes seen
+    symbol = {}
+    for k, m in found.items():
+        scope, proj, which = ("", m[2], m[3]) if part == "text_encoder" else (m[1], m[5], m[6])
+        fin, fout = _PROJ_DIMS[proj]
+        symbol[k] = (scope, fin) if which == "down" else (scope, fout)
+        votes[symbol[k]][sd[k].shape[1] if which == "down" else sd[k].shape[0]] += 1
+    for k in expected:
+        size = votes[symbol[k]].most_common(1)[0][0]
+        want = (rank, size) if found[k].groups()[-1] == "down" else (size, rank)
+        if tuple(sd[k].shape) != want:
+            raise CheckpointError(f"{path}: key '{k}' has shape {list(sd[k].shape)}, expected {list(want)} (the sizes "
+                                  "the file's other tensors agree on)")
+    return rank, {k: sd[k].to(torch.float32) for k in expected}
+
+
+def _check_prefix_file(path: Path, sd: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check a released prefix file from its own keys and shapes (no model); returns (prefix rows `[n, D]`, the
+    file's position table `[P, D]`), fp32."""
+    for k in sd:
+        if k not in _PREFIX_KEYS:
+            raise _unknown_key(path, "prefix", k)
+    missing = [k for k in _PREFIX_KEYS if k not in sd]
+    if missing:
+        raise CheckpointError(f"{path}: missing key '{missing[0]}'; a released prefix-embedding file holds "
+                              f"{_KEY_FORM['prefix']}")
+    pos, pe, tok = (sd[k] for k in _PREFIX_KEYS)
+    if pe.ndim != 2:
+        raise CheckpointError(f"{path}: key 'position_embedding.weight' has shape {list(pe.shape)}, expected a "
+                              "[positions, width] table")
+    n_pos, dim = pe.shape
+    if tuple(pos.shape) != (1, n_pos) or not torch.equal(pos.long(), torch.arange(n_pos)[None]):
+        raise CheckpointError(f"{path}: key 'position_ids' should be arange({n_pos}) of shape [1, {n_pos}] (one id per "
+                              f"row of 'position_embedding.weight'), got shape {list(pos.shape)}")
+    if tok.ndim != 2 or tok.shape[0] < 2 or tok.shape[1] != dim:
+        raise CheckpointError(f"{path}: key 'token_embedding.weight' has shape {list(tok.shape)}, expected [n + 1, "
+                              f"{dim}] (row 0 unused, rows 1..n the prefix tokens, as wide as the position table)")
+    return tok[1:].to(torch.float32), pe.to(torch.float32)
+
+
+@functools.cache
+def _clip_layers_prefix() -> str:
+    """Where the installed transformers' CLIPTextModel keeps `encoder.layers` ("" or "text_model."): the module path
+    the diffusers file must name (read from a one-layer model built on the meta device, no weights)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        model = CLIPTextModel(CLIPTextConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                             num_attention_heads=1, max_position_embeddings=8, bos_token_id=0,
+                                             eos_token_id=1, pad_token_id=1))
+    name = next(n for n, _ in model.named_modules() if n.endswith("encoder.layers.0"))
+    return name.removesuffix("encoder.layers.0")
+
+
+def _released_module(part: str, key: str) -> tuple[str, str]:
+    """A checked released key -> (module name in the transformers / diffusers model, "A" | "B"), per §3.6."""
+    m = _RELEASED_KEY[part].fullmatch(key)
+    if part == "text_encoder":
+        return f"{_clip_layers_prefix()}encoder.layers.{m[1]}.{m[2]}", "A" if m[3] == "down" else "B"
+    proj = "to_out.0" if m[5] == "to_out" else m[5]
+    return f"{m[1]}.{proj}", "A" if m[6] == "down" else "B"
 
 
 def find_released(paths: Sequence[str | Path], ema: bool) -> dict[str, Path]:
@@ -588,73 +717,158 @@ def _text_embeddings(te: nn.Module) -> nn.Module:
     return getattr(te, "text_model", te).embeddings
 
 
+@dataclass
+class Released:
+    """The authors' released files, read and checked from their own keys and shapes (`read_released`)."""
+
+    files: dict[str, Path]
+    """part ("text_encoder", "unet", "prefix") -> the file read"""
+    lora: dict[str, dict[str, torch.Tensor]]
+    """LoRA part -> {released key: fp32 tensor}, in the authors' key order"""
+    ranks: dict[str, int]
+    """LoRA part -> its rank, inferred from that file's shapes"""
+    tensors: dict[str, int]
+    """part -> number of tensors in its file"""
+    prefix_rows: torch.Tensor | None = None
+    """fp32 `[n, D]`: rows 1..n of `token_embedding.weight` (the prefix tokens), None without a prefix file"""
+    positions: torch.Tensor | None = None
+    """fp32 `[P, D]`: the file's copy of the base model's position table (checked against a model when given)"""
+
+    def summary(self) -> dict:
+        """{"rank": the rank shared by every LoRA file (None without LoRA or when the files differ), "ranks": {part:
+        rank}, "files": {part: path}, "tensors": {part: count}, "prefix_tokens": [...]}."""
+        n = 0 if self.prefix_rows is None else self.prefix_rows.shape[0]
+        return {"rank": next(iter(self.ranks.values())) if len(set(self.ranks.values())) == 1 else None,
+                "ranks": dict(self.ranks), "files": {k: str(v) for k, v in self.files.items()}, "tensors": dict(self.tensors),
+                "prefix_tokens": [PREFIX_TOKEN.format(i=i) for i in range(1, n + 1)]}
+
+
+def read_released(paths: Sequence[str | Path], ema: bool = True) -> Released:
+    """Read the authors' released files (see `find_released` for `paths` and `ema`) and check them from their own
+    keys and shapes, with no base model: files read with `weights_only=True`; only documented keys; complete within
+    the layers / blocks a file covers; one LoRA rank per file (inferred; mixed ranks in a file are an error);
+    consistent projection sizes; each problem is an error naming the file and the key."""
+    files = find_released(paths, ema)
+    rel = Released(files=files, lora={}, ranks={}, tensors={})
+    for part, f in files.items():
+        sd = _read_released(f)
+        rel.tensors[part] = len(sd)
+        if part == "prefix":
+            rel.prefix_rows, rel.positions = _check_prefix_file(f, sd)
+        else:
+            rel.ranks[part], rel.lora[part] = _check_lora_file(f, part, sd)
+    return rel
+
+
+def check_released(rel: Released, components) -> dict[str, dict[str, tuple[str, str]]]:
+    """Check `rel` against a base model (`components`, unchanged): every LoRA key has its module and every module its
+    key, shapes equal the model's at the file's rank, and the prefix file's position table is the model's. Errors
+    name the file, the key, both shapes and the model. Returns {part: {released key: (module name, "A" | "B")}}."""
+    name = f"model '{components.name}'" if getattr(components, "name", "") else "the base model"
+    out: dict[str, dict[str, tuple[str, str]]] = {}
+    for part, sd in rel.lora.items():
+        f = rel.files[part]
+        entries = {k: v for k, v in _released_entries(getattr(components, part)).items()
+                   if (".processor." in k if part == "unet" else ".lora_linear_layer." in k)}
+        extra = [k for k in sd if k not in entries]
+        if extra:
+            raise CheckpointError(f"{f}: key '{extra[0]}' has no module in {name} ({len(extra)} of the file's "
+                                  f"{len(sd)} keys have none); the file was made for another base model")
+        missing = [k for k in entries if k not in sd]
+        if missing:
+            raise CheckpointError(f"{f}: missing key '{missing[0]}' ({len(missing)} of the {len(entries)} keys that "
+                                  f"{name} needs are missing)")
+        rank = rel.ranks[part]
+        for k, (_, which, i, o) in entries.items():
+            want = (rank, i) if which == "A" else (o, rank)
+            if tuple(sd[k].shape) != want:
+                raise CheckpointError(f"{f}: key '{k}' has shape {list(sd[k].shape)} but {name} needs "
+                                      f"{list(want)} at rank {rank}")
+        out[part] = {k: (module, which) for k, (module, which, _, _) in entries.items()}
+    if rel.prefix_rows is not None:
+        f = rel.files["prefix"]
+        emb = _text_embeddings(components.text_encoder)
+        table = emb.position_embedding.weight
+        if tuple(rel.positions.shape) != tuple(table.shape):
+            raise CheckpointError(f"{f}: key 'position_embedding.weight' has shape {list(rel.positions.shape)} but "
+                                  f"{name} has a position table of shape {list(table.shape)}")
+        # Tolerance: the file holds the base model's fp32 table; the model may hold it in fp16 (rel. error ~5e-4).
+        if not torch.allclose(rel.positions, table.detach().float().cpu(), rtol=1e-2, atol=1e-3):
+            raise CheckpointError(f"{f}: key 'position_embedding.weight' differs from the position table of {name}; "
+                                  "the prefix was trained on another base model")
+        dim = emb.token_embedding.weight.shape[1]
+        if rel.prefix_rows.shape[1] != dim:
+            raise CheckpointError(f"{f}: key 'token_embedding.weight' has rows of width {rel.prefix_rows.shape[1]} "
+                                  f"but {name} embeds tokens in width {dim}")
+    return out
+
+
 def load_released(paths: Sequence[str | Path], components, ema: bool = True) -> dict:
     """Apply the authors' released files to `components` (which must have no adapters yet); returns what was loaded.
 
     `paths`: folders holding any of `text_encoder_lora[_EMA].pth`, `unet_lora[_EMA].pth`, `prefix_embedding[_EMA].pth`
     (EMA preferred unless `ema=False`), or those files. LoRA semantics y = W x + up(down(x)) become peft LoRA with
-    r = alpha = the rank inferred from the shapes; prefix rows 1..n become `<common-token1..n>`. Strict: files read
-    with `weights_only=True`; every key consumed and none missing; one rank across files; shapes checked against the
-    model; each problem is an error naming the file and the key.
-    Returns {"rank": int | None, "files": {part: path}, "tensors": {part: count}, "prefix_tokens": [..]}.
+    r = alpha = the rank inferred from each file's shapes; prefix rows 1..n become `<common-token1..n>`. Strict:
+    `read_released` then `check_released` against these components; each problem is an error naming the file and the
+    key. Returns `Released.summary()`.
     """
-    files = find_released(paths, ema)
+    rel = read_released(paths, ema)
     if trainable_parameters(components):
         raise ValueError("load_released: the components already have adapters; start from fresh components")
-    sds = {part: _read_released(f) for part, f in files.items()}
-    converted: dict[str, torch.Tensor] = {}
-    rank, rank_src = None, None
-    for part in ("text_encoder", "unet"):
-        if part not in sds:
+    modules = check_released(rel, components)
+    for part, rank in rel.ranks.items():
+        add_lora(components, part == "text_encoder", part == "unet", rank)
+    n_prefix = 0 if rel.prefix_rows is None else rel.prefix_rows.shape[0]
+    if n_prefix:
+        add_prefix_tokens(components, n_prefix, seed=0)
+    converted = {f"{part}.{module}.lora_{which}.weight": rel.lora[part][k]
+                 for part, names in modules.items() for k, (module, which) in names.items()}
+    if n_prefix:
+        converted[PREFIX_KEY] = rel.prefix_rows
+    load_trainable_state_dict(components, converted, source=" + ".join(str(f) for f in rel.files.values()))
+    return rel.summary()
+
+
+def write_released(rel: Released, out_dir: str | Path, metadata: dict | None = None) -> Path:
+    """Write `rel` in the interchange formats without a base model: the files, tensors and adapter metadata that
+    `load_released` into the base model followed by `save_lora` writes (the module names come from the released keys,
+    §3.6). One field cannot come from a base: the text encoder's peft `base_model_name_or_path` is "", the value
+    transformers records for a model without a checkpoint name. Returns the main file (or the folder)."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    info: dict = {"metadata": metadata or {}}
+    main: Path | None = None
+    layers, meta = {}, {}
+    for part, targets in (("text_encoder", TE_TARGETS), ("unet", UNET_TARGETS)):
+        if part not in rel.lora:
             continue
-        f, sd = files[part], sds[part]
-        entries = _released_entries(getattr(components, part))
-        if part == "unet":
-            entries = {k: v for k, v in entries.items() if ".processor." in k}
-        else:
-            entries = {k: v for k, v in entries.items() if ".lora_linear_layer." in k}
-        _check_released_keys(f, sd, list(entries))
-        for k, (module, which, i, o) in entries.items():
-            v = sd[k]
-            if v.ndim != 2:
-                raise CheckpointError(f"{f}: key '{k}' has shape {list(v.shape)}, expected a matrix")
-            r = v.shape[0] if which == "A" else v.shape[1]
-            if rank is None:
-                rank, rank_src = r, f"'{k}' in {f}"
-            elif r != rank:
-                raise CheckpointError(f"{f}: key '{k}' has rank {r} (shape {list(v.shape)}) but {rank_src} has rank "
-                                      f"{rank}; mixed ranks cannot be loaded")
-            want = (rank, i) if which == "A" else (o, rank)
-            if tuple(v.shape) != want:
-                raise CheckpointError(f"{f}: key '{k}' has shape {list(v.shape)}, expected {list(want)} for this model")
-            converted[f"{part}.{module}.lora_{which}.weight"] = v.to(torch.float32)
-    n_prefix = 0
-    if "prefix" in sds:
-        f, sd = files["prefix"], sds["prefix"]
-        _check_released_keys(f, sd, _PREFIX_KEYS)
-        emb = _text_embeddings(components.text_encoder)
-        table = emb.position_embedding.weight
-        pos, pe, tok = sd["position_ids"], sd["position_embedding.weight"], sd["token_embedding.weight"]
-        if tuple(pos.shape) != (1, table.shape[0]) or not torch.equal(pos.long(), torch.arange(table.shape[0])[None]):
-            raise CheckpointError(f"{f}: key 'position_ids' should be arange({table.shape[0]}) of shape "
-                                  f"[1, {table.shape[0]}], got shape {list(pos.shape)}")
-        if tuple(pe.shape) != tuple(table.shape):
-            raise CheckpointError(f"{f}: key 'position_embedding.weight' has shape {list(pe.shape)}, expected "
-                                  f"{list(table.shape)} (this model's position table)")
-        # Tolerance: the file holds the base model's fp32 table; the model may hold it in fp16 (rel. error ~5e-4).
-        if not torch.allclose(pe.float(), table.detach().float().cpu(), rtol=1e-2, atol=1e-3):
-            raise CheckpointError(f"{f}: key 'position_embedding.weight' differs from this model's position table; "
-                                  "the prefix was trained on another base model")
-        dim = emb.token_embedding.weight.shape[1]
-        if tok.ndim != 2 or tok.shape[0] < 2 or tok.shape[1] != dim:
-            raise CheckpointError(f"{f}: key 'token_embedding.weight' has shape {list(tok.shape)}, expected [n + 1, "
-                                  f"{dim}] (row 0 unused, rows 1..n the prefix tokens)")
-        n_prefix = tok.shape[0] - 1
-        converted[PREFIX_KEY] = tok[1:].to(torch.float32)
-    lora_parts = [p for p in ("text_encoder", "unet") if p in sds]
-    if lora_parts:
-        add_lora(components, "text_encoder" in sds, "unet" in sds, rank)
-    tokens = add_prefix_tokens(components, n_prefix, seed=0) if n_prefix else []
-    load_trainable_state_dict(components, converted, source=" + ".join(str(f) for f in files.values()))
-    return {"rank": rank, "files": {k: str(v) for k, v in files.items()},
-            "tensors": {k: len(v) for k, v in sds.items()}, "prefix_tokens": tokens}
+        named = (_released_module(part, k) + (v,) for k, v in rel.lora[part].items())
+        layers[part] = {f"{module}.lora_{which}.weight": v.contiguous() for module, which, v in named}
+        cfg = _lora_config(rel.ranks[part], targets)
+        if part == "text_encoder":
+            cfg.base_model_name_or_path = ""  # transformers' add_adapter records the model's name_or_path here
+        meta[part] = cfg.to_dict()
+        info[part] = {"rank": cfg.r, "alpha": cfg.lora_alpha, "targets": sorted(cfg.target_modules),
+                      "tensors": len(layers[part])}
+    if layers:
+        StableDiffusionPipeline.save_lora_weights(
+            out, unet_lora_layers=layers.get("unet"), text_encoder_lora_layers=layers.get("text_encoder"),
+            unet_lora_adapter_metadata=meta.get("unet"), text_encoder_lora_adapter_metadata=meta.get("text_encoder"),
+        )
+        main = out / LORA_FILE
+    if rel.prefix_rows is not None:
+        tokens, files = [], []
+        for i, row in enumerate(rel.prefix_rows, start=1):
+            tokens.append(PREFIX_TOKEN.format(i=i))
+            f = out / TI_FILE.format(i=i)
+            save_file({tokens[-1]: row.clone().contiguous()}, str(f))
+            files.append(f.name)
+        info["prefix"] = {"tokens": tokens, "files": files, "prompt_prefix": "".join(tokens)}
+        main = main or out
+    if main is None:
+        raise ValueError("write_released: nothing to write (no LoRA and no prefix file was read)")
+    (out / INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
+    return main

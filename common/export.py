@@ -3,6 +3,9 @@
     python -m common.export --run RUN_DIR [--step N] [--no-ema] --out DIR
     python -m common.export --from-released PATH [PATH ...] [--model NAME] [--no-ema] --out DIR
 
+--from-released needs only the `.pth` files (keys, shapes and the LoRA rank are read from them); `--model` adds a
+check of every shape against that base model.
+
 Writes `pytorch_lora_weights.safetensors` (LoRA; `StableDiffusionPipeline.load_lora_weights(DIR)`) and/or
 `learned_embeds-{i}.safetensors` (prefix tokens; `pipe.load_textual_inversion([...])`), `adapter_info.json` and a
 `README.md` model card (base model, attributes and targets, adapted modules, step, metrics when the run logged them).
@@ -24,10 +27,11 @@ from common.adapters import (
     LORA_FILE,
     add_lora,
     add_prefix_tokens,
-    find_released,
-    load_released,
+    check_released,
     load_trainable_state_dict,
+    read_released,
     save_lora,
+    write_released,
 )
 from common.models import DTYPES
 
@@ -81,6 +85,11 @@ def model_card(out_dir: str | Path, metadata: dict) -> Path:
     if metadata.get("step") is not None:
         lines.append(f"- Training steps: {metadata['step']}")
     lines.append(f"- Weights: {metadata.get('weights', '?')}")
+    if "shapes_checked_against" in metadata:  # a conversion of released files: say what their shapes were checked on
+        checked = metadata["shapes_checked_against"]
+        lines.append(f"- Shapes checked against: `{checked}`" if checked else
+                     "- Shapes checked against: no base model (converted from the files alone; checked for internal "
+                     "consistency)")
     for part in ("text_encoder", "unet"):
         if part in info:
             p = info[part]
@@ -154,18 +163,20 @@ def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None
 
 def export_released(paths: Sequence[str | Path], out_dir: str | Path, model: str | None = None,
                     ema: bool = True) -> tuple[Path, dict]:
-    """Convert the authors' released `.pth` files (strictly checked against `model`'s shapes) into the interchange
-    files in `out_dir`. Returns (`out_dir`, the `load_released` summary)."""
+    """Convert the authors' released `.pth` files into the interchange files in `out_dir` from the files alone; with
+    `model`, first check every key and shape against that base model (it changes nothing in the output but the
+    recorded metadata). The card's base model is `model`, else SD 1.5 (the base of every released checkpoint).
+    Returns (`out_dir`, `Released.summary()`)."""
     from common.models import SD15, load_components
 
-    model = model or SD15
-    files = find_released(paths, ema)  # fail on bad paths before loading the base model
-    comps = load_components(model, dtype=torch.float16)  # only shapes matter here; the LoRA tensors are fp32
-    info = load_released(list(files.values()), comps)
+    rel = read_released(paths, ema)  # every file-level problem is reported before any base model is loaded
+    if model is not None:
+        check_released(rel, load_components(model, dtype=torch.float16))  # only shapes (and the prefix's table) matter
+    info = rel.summary()
     files = ", ".join(f"`{f}`" for f in info["files"].values())
-    metadata = {"base_model": model, "source": f"the authors' released checkpoint ({files})",
-                "weights": "as released", "released": info}
-    save_lora(comps, out_dir, metadata)
+    metadata = {"base_model": model or SD15, "shapes_checked_against": model,
+                "source": f"the authors' released checkpoint ({files})", "weights": "as released", "released": info}
+    write_released(rel, out_dir, metadata)
     model_card(out_dir, metadata)
     return Path(out_dir), info
 
@@ -179,7 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      help="the authors' released files, or folders holding them")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest checkpoint of either kind)")
     p.add_argument("--no-ema", action="store_true", help="export the current weights instead of the EMA")
-    p.add_argument("--model", help="base model of --from-released (default: stable-diffusion-v1-5/stable-diffusion-v1-5)")
+    p.add_argument("--model", help="--from-released: a base model to check the files' shapes against (optional; the "
+                   "conversion needs only the files)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     a = p.parse_args(argv)
     if a.run is not None:
@@ -190,9 +202,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.step is not None:
             p.error("--step is for --run")
         out, info = export_released(a.from_released, a.out, model=a.model, ema=not a.no_ema)
-        rank = f"LoRA rank {info['rank']} (inferred from the shapes)" if info["rank"] is not None else "no LoRA"
+        ranks = ", ".join(f"{PART_NAMES[p]} {r}" for p, r in info["ranks"].items())
+        rank = f"LoRA rank {ranks} (inferred from the shapes)" if ranks else "no LoRA"
         prefix = f", {len(info['prefix_tokens'])} prefix tokens" if info["prefix_tokens"] else ""
-        print(f"read {', '.join(info['files'].values())}: {rank}{prefix}; tensors {info['tensors']}")
+        checked = f"shapes checked against {a.model}" if a.model else "no --model: shapes checked against each other"
+        print(f"read {', '.join(info['files'].values())}: {rank}{prefix}; tensors {info['tensors']}; {checked}")
     written = sorted(f.name for f in Path(out).iterdir() if f.is_file())
     print(f"wrote {out}: {', '.join(written)}")
     return 0

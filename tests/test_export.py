@@ -184,3 +184,212 @@ def test_find_checkpoint_prefers_latest_then_permanent(tmp_path):
     assert find_checkpoint(tmp_path, 200) == (tmp_path / "ckpts" / "checkpoint-200", 200)
     with pytest.raises(FileNotFoundError, match="no checkpoint-N or checkpoint_tmp-N"):
         find_checkpoint(tmp_path / "nothing")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --from-released from the .pth files alone (no base model)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def write_released_files(folder, base, ranks, prefix=0, seed=4):
+    """The authors' files fabricated from a tiny base: LoRA tensors laid out by `released_layout` (whose keys and
+    shapes test_adapters checks against hand-written tables), one rank per file; a §3.4 prefix file with `prefix`
+    tokens (row 0 zeros, the base's own position table)."""
+    g = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for part, rank in ranks.items():
+        layout = released_layout(getattr(base, part), rank)
+        torch.save({k: torch.randn(s, generator=g) * 0.2 for k, s in layout.items()}, folder / f"{part}_lora_EMA.pth")
+    if prefix:
+        tok = torch.randn(prefix + 1, 32, generator=g)
+        tok[0] = 0
+        pos = base.text_encoder.embeddings.position_embedding.weight.detach().clone()
+        torch.save({"position_ids": torch.arange(pos.shape[0])[None], "position_embedding.weight": pos,
+                    "token_embedding.weight": tok}, folder / "prefix_embedding_EMA.pth")
+    return folder
+
+
+def safetensors_parts(path):
+    """(header as a JSON object, tensor bytes) of a safetensors file."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + n]), data[8 + n:]
+
+
+def assert_same_files(a, b, skip=()):
+    """Every file of folder `a` is in `b` with the same bytes; for a .safetensors file the tensor bytes are compared
+    byte for byte and the header as a JSON object (safetensors writes its two metadata entries in a random order on
+    every save, so even one conversion run twice differs in that order)."""
+    names = sorted(f.name for f in a.iterdir())
+    assert names == sorted(f.name for f in b.iterdir())
+    for name in names:
+        if name in skip:
+            continue
+        if name.endswith(".safetensors"):
+            assert safetensors_parts(a / name) == safetensors_parts(b / name), name
+        else:
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("ranks,prefix", [({"text_encoder": 2, "unet": 3}, 3), ({"text_encoder": 2}, 0)],
+                         ids=["te2-unet3-prefix3", "te2"])
+def test_from_released_without_model_reproduces_the_with_base_conversion(make_tiny, tmp_path, ranks, prefix):
+    """Oracle: the conversion through the base model, as `export --from-released` did before: `load_released` into the
+    tiny base (module names from the model's own modules, tensors from peft's state dict) + `save_lora` + the model
+    card, given the metadata the no-base run recorded. Every file is equal byte for byte (safetensors headers as JSON
+    objects, see `assert_same_files`). Recorded when no base is given: base_model = SD 1.5 (the released checkpoints'
+    base), shapes_checked_against = null, and in the LoRA file's adapter metadata text_encoder.base_model_name_or_path
+    = "" (what transformers records for a model without a checkpoint name, as the config-built tiny base has). A run
+    with `--model tiny` writes the same weight files; its adapter_info.json differs only in those two metadata fields."""
+    from common.adapters import save_lora
+    from common.export import model_card
+    from common.models import SD15
+
+    rel = write_released_files(tmp_path / "rel", make_tiny(seed=0), ranks, prefix)
+    no_base, oracle, with_base = tmp_path / "no-base", tmp_path / "oracle", tmp_path / "with-base"
+    assert main(["--from-released", str(rel), "--out", str(no_base)]) == 0
+    info = json.loads((no_base / "adapter_info.json").read_text())
+    meta = info["metadata"]
+    assert meta["base_model"] == SD15 and meta["shapes_checked_against"] is None
+    assert meta["released"]["ranks"] == ranks and meta["released"]["prefix_tokens"] == [
+        f"<common-token{i}>" for i in range(1, prefix + 1)]
+    assert {p: info[p]["rank"] for p in ranks} == ranks
+    comps = make_tiny(seed=0)
+    load_released([rel], comps)
+    save_lora(comps, oracle, meta)
+    model_card(oracle, meta)
+    assert_same_files(no_base, oracle)
+    assert main(["--from-released", str(rel), "--model", "tiny", "--out", str(with_base)]) == 0
+    assert_same_files(no_base, with_base, skip=("adapter_info.json", "README.md"))
+    checked = json.loads((with_base / "adapter_info.json").read_text())
+    assert checked["metadata"]["base_model"] == checked["metadata"]["shapes_checked_against"] == "tiny"
+    checked["metadata"].update(base_model=SD15, shapes_checked_against=None)
+    assert checked == info
+
+
+def test_from_released_without_model_loads_in_diffusers(make_tiny, tmp_path):
+    """Oracle: the project's own loader (`load_released`, checked against a hand-written y = W x + up(down(x)) in
+    test_adapters) on the tiny base vs a fresh diffusers pipeline given only the no-base export
+    (`load_lora_weights` + `load_textual_inversion`); same latents, prefixed prompt. Tolerance 1e-6: the same fp32
+    weights and ops, so any difference is a wrong name, rank, alpha or row. Different ranks per file (2 and 3)."""
+    rel = write_released_files(tmp_path / "rel", make_tiny(seed=0), {"text_encoder": 2, "unet": 3}, prefix=3)
+    out = tmp_path / "export"
+    main(["--from-released", str(rel), "--out", str(out)])
+    comps = make_tiny(seed=0)
+    assert load_released([rel], comps)["ranks"] == {"text_encoder": 2, "unet": 3}
+    prompt = comps.prompt_prefix + PROMPT
+    want = images(diffusers_pipeline(comps), prompt)
+    fresh = diffusers_pipeline(make_tiny(seed=0))
+    fresh.load_lora_weights(str(out))
+    fresh.load_textual_inversion([str(out / f"learned_embeds-{i}.safetensors") for i in (1, 2, 3)])
+    assert (images(fresh, prompt) - want).abs().max() < 1e-6
+    assert (images(diffusers_pipeline(make_tiny(seed=0)), PROMPT) - want).abs().max() > 1e-3  # the adapters matter
+    with safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert (meta["text_encoder.r"], meta["text_encoder.lora_alpha"], meta["unet.r"], meta["unet.lora_alpha"]) == (2, 2, 3, 3)
+
+
+def run_cli(argv, capsys):
+    """`python -m common.export ARGV` through `common.runtime.cli`: (exit code, stderr)."""
+    from common.runtime import cli
+
+    capsys.readouterr()  # drop what the test printed before (library notices while building the fixtures)
+    with pytest.raises(SystemExit) as e:
+        cli(main, argv)
+    return e.value.code, capsys.readouterr().err
+
+
+def test_from_released_model_shape_mismatch_is_one_sentence(make_tiny, tmp_path, capsys):
+    """Files of a wider model (text width 48) convert without --model (they agree with each other); `--model tiny`
+    (width 32) stops with one sentence naming the file, the key, both shapes and the model, exit 2, nothing written."""
+    rel = write_released_files(tmp_path / "rel", make_tiny(seed=0, text_dim=48), {"text_encoder": 2})
+    assert main(["--from-released", str(rel), "--out", str(tmp_path / "ok")]) == 0
+    code, err = run_cli(["--from-released", str(rel), "--model", "tiny", "--out", str(tmp_path / "x")], capsys)
+    key = "text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.down.weight"
+    assert code == 2
+    assert err == f"error: {rel / 'text_encoder_lora_EMA.pth'}: key '{key}' has shape [2, 48] but model 'tiny' needs " \
+                  "[2, 32] at rank 2\n"
+    assert not (tmp_path / "x").exists()
+
+
+TE0 = "text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer"
+
+
+def _bad_released(case, base):
+    """(file name, content) of a bad released file, for `case`."""
+    te = {k: torch.ones(s) for k, s in released_layout(base.text_encoder, 2).items()}
+    return {
+        "model-weights": ("text_encoder_lora_EMA.pth", {"encoder.layers.0.mlp.fc1.weight": torch.ones(64, 32)}),
+        "misnamed": ("unet_lora_EMA.pth", te),
+        "no-tensors": ("unet_lora_EMA.pth", {}),
+        "rank-inside-file": ("text_encoder_lora_EMA.pth", {**te, f"{TE0}.up.weight": torch.ones(32, 3)}),
+        "incomplete": ("text_encoder_lora_EMA.pth", {k: v for k, v in te.items() if k != f"{TE0}.up.weight"}),
+    }[case]
+
+
+BAD_INPUT = [
+    ("empty-folder", ": none of the released checkpoint files (text_encoder_lora_EMA.pth, text_encoder_lora.pth, "
+                     "unet_lora_EMA.pth, unet_lora.pth, prefix_embedding_EMA.pth, prefix_embedding.pth) is here"),
+    ("model-weights", "text_encoder_lora_EMA.pth: unknown key 'encoder.layers.0.mlp.fc1.weight'; a released "
+                      "text-encoder LoRA file holds only keys 'text_model.encoder.layers.{i}.{self_attn.q_proj|"
+                      "self_attn.k_proj|self_attn.v_proj|self_attn.out_proj|mlp.fc1|mlp.fc2}.lora_linear_layer."
+                      "{down|up}.weight'"),
+    ("misnamed", f"unet_lora_EMA.pth: unknown key '{TE0}.down.weight' (a key of the text-encoder LoRA file: is this "
+                 "file misnamed?); a released U-Net LoRA file holds only keys '{down_blocks.N|mid_block|up_blocks.N}."),
+    ("no-tensors", "unet_lora_EMA.pth: holds no tensors; expected the released U-Net LoRA keys '{down_blocks.N|"),
+    ("rank-inside-file", f"text_encoder_lora_EMA.pth: key '{TE0}.up.weight' has rank 3 (shape [32, 3]) but 23 of the "
+                         "file's 24 tensors have rank 2; mixed ranks in one file cannot be converted"),
+    ("incomplete", f"text_encoder_lora_EMA.pth: missing key '{TE0}.up.weight' (1 of the 24 keys that the layers in "
+                   "this file need are missing)"),
+]
+
+
+@pytest.mark.parametrize("case,expect", BAD_INPUT, ids=[c for c, _ in BAD_INPUT])
+def test_from_released_bad_input_is_one_sentence(make_tiny, tmp_path, capsys, case, expect):
+    """Without --model, through the CLI: one line `error: <file>: ...` naming the file and what was expected, exit 2,
+    nothing written. Expected sentences written out by hand."""
+    rel = tmp_path / "rel"
+    rel.mkdir()
+    if case != "empty-folder":
+        name, sd = _bad_released(case, make_tiny(seed=0))
+        torch.save(sd, rel / name)
+    code, err = run_cli(["--from-released", str(rel), "--out", str(tmp_path / "x")], capsys)
+    assert code == 2 and err.startswith(f"error: {rel}") and err.count("\n") == 1, err
+    assert expect in err, err
+    assert not (tmp_path / "x").exists()
+
+
+def test_from_released_sd15_shapes_name_the_real_modules(tmp_path):
+    """At SD 1.5 size (rank 1, models built on the meta device, no weights): every tensor the no-base export writes
+    names a Linear of the real CLIP text model / U-Net (`text_encoder.` / `unet.` + module + `.lora_A|B.weight`)
+    with shape [1, in] / [out, 1], and every adapted Linear is covered: 144 + 256 tensors (§3.2, §3.3)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        models = {"text_encoder": CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072,
+                                                               num_hidden_layers=12, num_attention_heads=12,
+                                                               max_position_embeddings=77)),
+                  "unet": UNet2DConditionModel(cross_attention_dim=768)}
+    rel = tmp_path / "rel"
+    rel.mkdir()
+    for part, model in models.items():
+        torch.save({k: torch.zeros(s) for k, s in released_layout(model, 1).items()}, rel / f"{part}_lora_EMA.pth")
+    main(["--from-released", str(rel), "--out", str(tmp_path / "out")])
+    with safe_open(str(tmp_path / "out" / "pytorch_lora_weights.safetensors"), "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert sum(k.startswith("text_encoder.") for k in shapes) == 144 and sum(k.startswith("unet.") for k in shapes) == 256
+    covered = set()
+    for key, shape in shapes.items():
+        part, rest = key.split(".", 1)
+        module, which = rest.rsplit(".", 2)[:2]
+        lin = models[part].get_submodule(module)
+        assert isinstance(lin, torch.nn.Linear), key
+        assert shape == ((1, lin.in_features) if which == "lora_A" else (lin.out_features, 1)), key
+        covered.add((part, module))
+    targets = {"text_encoder": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+               "unet": ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
+                        "attn2.to_v", "attn2.to_out.0")}
+    want = {(p, n) for p, m in models.items() for n, x in m.named_modules()
+            if isinstance(x, torch.nn.Linear) and n.endswith(targets[p])}
+    assert covered == want
