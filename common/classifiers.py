@@ -11,7 +11,8 @@ Layouts (the checkpoint files of the authors' data.zip, reference §2.1, §5, §
   eval-gender / eval-race / eval-age: 2 / 4 / 2 logits                                 (evaluation)
   eval        the three evaluation classifiers as one module returning all three attributes
 Our own: `python -m common.classifiers train --dataset fairface|celeba --root DIR` (public label files), and
-`python -m common.classifiers list`.
+`python -m common.classifiers list`. Hub classifiers: `hf:HUB_ID_OR_FOLDER`, `clip:HUB_ID_OR_FOLDER` and their `+`
+combinations (common/hub_judges.py).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.attributes import PRESETS
-from common.config import data_path, data_root
+from common.config import ConfigError, data_path, data_root
+from common.runtime import device_chunks
 
 GENDER = PRESETS["gender"].classes
 RACE = PRESETS["race"].classes
@@ -88,7 +90,9 @@ class AttributeClassifier(nn.Module):
                 crops, size=(self.input_size,) * 2, mode="bilinear", align_corners=False, antialias=False
             )
         dtype = next(self.parameters()).dtype
-        outs = [net(crops.to(dtype)).float() for net in self.nets]
+        x = crops.to(dtype)
+        parts = device_chunks(len(x), x.device)  # on the CPU a few crops per call run faster per crop than many
+        outs = [torch.cat([net(x[p]) for p in parts]).float() for net in self.nets]
         return {h.attribute: outs[h.net][:, list(h.logits)] for h in self.heads}
 
     @torch.no_grad()
@@ -237,9 +241,21 @@ def load_classifier(name: str, path=None, device="cpu", dtype=torch.float32, dat
     """A frozen classifier in eval mode by registry name; `path` overrides the data.zip default (for "eval": a
     mapping {"gender": p, "race": p, "age": p}, missing keys taking their defaults). Relative paths and the data.zip
     defaults resolve against `data_root(data_dir)`. `input_size` (kw) changes the crop size the backbone sees (224 for
-    the authors' checkpoints)."""
+    the authors' checkpoints). `hf:...` / `clip:...` names load hub judges (`common.hub_judges.load_hub_judge`; kw
+    label_map, clip_prompts, input_size)."""
+    from common.hub_judges import is_hub_name, load_hub_judge
+
+    if is_hub_name(name):
+        if path is not None:
+            raise ConfigError(f"classifier '{name}' names its model itself; classifier_path must be empty (got {path})")
+        model = load_hub_judge(name, data_dir=data_dir, **kw)
+        return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    for key in ("label_map", "clip_prompts"):  # config defaults are empty; a given one must not be ignored
+        if kw.pop(key, None):
+            raise ConfigError(f"{key} applies to hf: / clip: classifiers, not to '{name}'")
     if name not in _CLASSIFIERS:
-        raise KeyError(f"unknown classifier '{name}'; registered: {list_classifiers()}")
+        raise KeyError(f"unknown classifier '{name}'; registered: {list_classifiers()}, or hf:HUB_ID_OR_FOLDER / "
+                       "clip:HUB_ID_OR_FOLDER")
     if isinstance(path, Mapping):
         path = {a: data_path(p, data_dir) for a, p in path.items()}
     elif path is not None:
@@ -621,6 +637,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 print(f"{name:18s} {'present' if ok else 'missing'}  eval-gender + eval-race + eval-age in one module")
             else:
                 print(f"{name:18s} (no data.zip file)")
+        from common.hub_judges import preset_lines
+
+        print("\n" + "\n".join(preset_lines()))
     else:
         train(args)
 

@@ -100,6 +100,9 @@ class JudgesConfig:
     classifier_path: str | None = None
     eval_classifier: str = "eval"
     """classifier(s) of `common.evaluate`: the authors' separate evaluation heads by default"""
+    agreement: str | None = None
+    """a second evaluation classifier (any registry name) or null: `common.evaluate --judge2`, reporting both judges'
+    bias per attribute, their agreement share and Cohen's kappa"""
     detector: str = "mtcnn"
     """face detector: mtcnn | whole-image | toy"""
     features: list[str] = field(default_factory=lambda: ["clip", "dino"])
@@ -108,6 +111,45 @@ class JudgesConfig:
     """face-identity encoder for the realism loss (facenet | sfnet20 | toy | None)"""
     face_bank: str | None = None
     """face-feature bank file (.pt or the authors' face_feats.pkl); None disables the nearest-neighbour target"""
+    label_map: dict[str, str] = field(default_factory=dict)
+    """`hf:` judges: {model label: "attribute:class"} for labels the automatic mapping by name does not know, e.g.
+    {"feminine": "gender:female"} (common/hub_judges.py)"""
+    clip_prompts: dict[str, list[str]] = field(default_factory=dict)
+    """`clip:` judges: {attribute: [one prompt per class, in class order]}; the attributes judged are exactly these
+    keys (empty: gender, race and age with common/hub_judges.py's default prompts)"""
+
+    def __post_init__(self):
+        for label, target in self.label_map.items():
+            parse_label_target(target, f"label_map.{label}")
+        for attr, prompts in self.clip_prompts.items():
+            check_clip_prompts(attr, prompts, f"clip_prompts.{attr}")
+
+
+def parse_label_target(target: str, where: str) -> tuple[str, int]:
+    """A label-map value "attribute:class" (a preset attribute and one of its class names) -> (attribute, class
+    index); ValueError naming `where` otherwise."""
+    from common.attributes import PRESETS
+
+    attr, sep, cls = str(target).partition(":")
+    spec = PRESETS.get(attr.strip())
+    names = {a: list(p.classes) for a, p in PRESETS.items()}
+    if not sep or spec is None or cls.strip() not in spec.classes:
+        raise ValueError(f"{where} = {target!r}: expected 'attribute:class' with a class of {names}")
+    return spec.name, spec.classes.index(cls.strip())
+
+
+def check_clip_prompts(attr: str, prompts, where: str) -> None:
+    """CLIP class prompts of one attribute: a preset attribute and one non-empty prompt per class; ValueError naming
+    `where` otherwise."""
+    from common.attributes import PRESETS
+
+    spec = PRESETS.get(attr)
+    if spec is None:
+        raise ValueError(f"{where}: unknown attribute '{attr}'; expected one of {sorted(PRESETS)}")
+    if (not isinstance(prompts, list | tuple) or len(prompts) != spec.num_classes
+            or not all(isinstance(p, str) and p.strip() for p in prompts)):
+        raise ValueError(f"{where} = {prompts!r}: expected {spec.num_classes} non-empty prompts, one per class "
+                         f"{list(spec.classes)} in that order")
 
 
 @dataclass

@@ -19,6 +19,9 @@ and image index. Outputs in OUT:
   by side), `per_prompt.csv`;
 - `grids/{set}/prompt_{i}.jpg`: annotated grids (`common.plots`); `frequency_{attribute}.png`: per-prompt class
   frequencies before (reference) and after, against the target.
+With `--judge2 NAME` a second classifier reads the same face crops (one detection pass): results.csv gains its
+`judge2_{attribute}_*` columns, summary.json its summaries ("judge2") and per set and attribute both judges' figures,
+their agreement share and Cohen's kappa ("agreement", `common.metrics.agreement`), summary.md that table.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 AUTHORS_SLOTS = ("gender", "race", "age")
 """attributes of the authors' test_results.pkl, in slot order after indicators and boxes"""
 SCORES = ("clip_t", "clip_i", "dino")
+JUDGE2 = "judge2_"
+"""prefix of the second judge's columns in results.csv"""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -118,7 +123,8 @@ def read_images(paths: Sequence[Path]) -> torch.Tensor:
 class Judgement:
     """Per-image results of one image set, rows in `ImageSet.files` order. prompt / index LongTensor[N]; found [N]
     bool; boxes [N, 4] int64 (expanded square box, -1 rows without a face); scores [N] detector score; logits / probs
-    {attribute: [N, K]} fp32; classes {attribute: class names}; extra {name: [N]} per-image scores (NaN = none)."""
+    {attribute: [N, K]} fp32; classes {attribute: class names}; extra {name: [N]} per-image scores (NaN = none);
+    logits2 / probs2 / classes2: the same of the second judge on the same crops (empty without one)."""
 
     images: ImageSet
     prompt: torch.Tensor
@@ -130,10 +136,17 @@ class Judgement:
     probs: dict[str, torch.Tensor]
     classes: dict[str, tuple[str, ...]]
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    logits2: dict[str, torch.Tensor] = field(default_factory=dict)
+    probs2: dict[str, torch.Tensor] = field(default_factory=dict)
+    classes2: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def table(self) -> dict:
         """The input of `common.metrics.summarize`."""
         return {"prompt": self.prompt, "found": self.found, "probs": self.probs, "scores": self.extra}
+
+    def table2(self) -> dict:
+        """The second judge's input of `common.metrics.summarize` (the per-image scores stay with the first)."""
+        return {"prompt": self.prompt, "found": self.found, "probs": self.probs2}
 
     def authors_results(self) -> list[dict[int, torch.Tensor]]:
         """[face_indicators, face_bboxs, gender_logits, race_logits, age_logits], each {prompt index: tensor}."""
@@ -158,12 +171,13 @@ class Judgement:
             }
             for k, name in enumerate(("box_x1", "box_y1", "box_x2", "box_y2")):
                 row[name] = int(self.boxes[r, k])
-            for a, names in self.classes.items():
-                p = self.probs[a][r]
-                for c, cname in enumerate(names):
-                    row[f"{a}_p_{cname}"] = round(float(p[c]), 6)
-                row[f"{a}_pred"] = names[int(p.argmax())] if found else ""
-                row[f"{a}_conf"] = round(float(p.max()), 6) if found else ""
+            for pre, classes, probs in (("", self.classes, self.probs), (JUDGE2, self.classes2, self.probs2)):
+                for a, names in classes.items():
+                    p = probs[a][r]
+                    for c, cname in enumerate(names):
+                        row[f"{pre}{a}_p_{cname}"] = round(float(p[c]), 6)
+                    row[f"{pre}{a}_pred"] = names[int(p.argmax())] if found else ""
+                    row[f"{pre}{a}_conf"] = round(float(p.max()), 6) if found else ""
             for name, v in self.extra.items():
                 row[name] = "" if math.isnan(float(v[r])) else round(float(v[r]), 6)
             out.append(row)
@@ -183,14 +197,17 @@ def judge(
     grid_tile: int = 256,
     grid_order: str = "class",
     progress: bool = True,
+    classifier2=None,
 ) -> Judgement:
     """Detect, crop and classify every image of `images`, prompt by prompt in batches of `batch_size`.
 
     `classifier`: an `AttributeClassifier` (crops of its `input_size`); `detector`: a `common.faces` registry name or
     instance; `clip`: (CLIPModel, tokenizer) for CLIP-T (`extra["clip_t"]`), None to skip. With `grid_dir`, writes
     `prompt_{i}.jpg` annotated grids of `grid_attrs` (default: every attribute) with tiles of `grid_tile` px.
+    `classifier2`: a second judge, run on the same detected boxes (cropped at its own `input_size`) into the
+    Judgement's `logits2` / `probs2` / `classes2`.
     """
-    from common.faces import detect
+    from common.faces import crop_faces, detect
     from common.metrics import clip_score
     from common.plots import annotated_grid
 
@@ -202,6 +219,7 @@ def judge(
         by_prompt.setdefault(i, []).append((j, p))
     cols: dict[str, list] = {"prompt": [], "index": [], "found": [], "boxes": [], "det": [], "clip_t": []}
     logits: dict[str, list[torch.Tensor]] = {a: [] for a in classifier.attributes}
+    logits2: dict[str, list[torch.Tensor]] = {a: [] for a in (classifier2.attributes if classifier2 else {})}
     bar = tqdm(total=len(images.files), desc=f"judging {images.root.name}", unit="img", disable=not progress)
     for i, items in by_prompt.items():
         small, p_found, p_boxes, p_probs = [], [], [], {a: [] for a in classifier.attributes}
@@ -213,6 +231,11 @@ def judge(
             for a, v in out.items():
                 logits[a].append(v.float().cpu())
                 p_probs[a].append(v.float().softmax(-1).cpu())
+            if classifier2 is not None:  # the same boxes; cropped again only when the judges' input sizes differ
+                crops2 = (faces.crops if classifier2.input_size == classifier.input_size
+                          else crop_faces(x, faces.boxes, classifier2.input_size))
+                for a, v in classifier2(crops2).items():
+                    logits2[a].append(v.float().cpu())
             found, boxes = faces.found.cpu(), faces.boxes.cpu().long()
             cols["prompt"] += [i] * len(chunk)
             cols["index"] += [j for j, _ in chunk]
@@ -235,6 +258,7 @@ def judge(
             grid.save(Path(grid_dir) / f"prompt_{i}.jpg", quality=90)
     bar.close()
     lg = {a: torch.cat(v) for a, v in logits.items()}
+    lg2 = {a: torch.cat(v) for a, v in logits2.items()}
     extra = {"clip_t": torch.cat(cols["clip_t"]).double()} if clip is not None else {}
     return Judgement(
         images=images,
@@ -247,6 +271,9 @@ def judge(
         probs={a: v.softmax(-1) for a, v in lg.items()},
         classes=dict(classifier.attributes),
         extra=extra,
+        logits2=lg2,
+        probs2={a: v.softmax(-1) for a, v in lg2.items()},
+        classes2=dict(classifier2.attributes) if classifier2 is not None else {},
     )
 
 
@@ -345,6 +372,95 @@ def summary_markdown(summaries: Mapping[str, dict | None], title: str = "Evaluat
     return "\n".join(lines) + "\n"
 
 
+def judge_attributes(classes1: Mapping[str, Sequence[str]], classes2: Mapping[str, Sequence[str]],
+                     targets: Mapping[str, Sequence[float]] | None = None) -> tuple[list[Attribute], list[Attribute]]:
+    """`attribute_specs` of two judges with one set of `targets` (each judge takes those of its attributes). An
+    attribute both judges read must have the same classes in the same order, or their predictions cannot be compared."""
+    targets = dict(targets or {})
+    unknown = set(targets) - set(classes1) - set(classes2)
+    if unknown:
+        raise KeyError(f"--target names attribute(s) {sorted(unknown)} neither judge has ({list(classes1)}, "
+                       f"{list(classes2)})")
+    for a in set(classes1) & set(classes2):
+        if tuple(classes1[a]) != tuple(classes2[a]):
+            from common.runtime import UsageError
+
+            raise UsageError(f"the two judges read attribute '{a}' with different classes ({list(classes1[a])} and "
+                             f"{list(classes2[a])}); pick a second judge with the first one's classes for it")
+    return tuple(attribute_specs(c, {k: v for k, v in targets.items() if k in c}) for c in (classes1, classes2))
+
+
+def judge_agreement(j: Judgement, summary1: dict, summary2: dict, attrs1: Sequence[Attribute],
+                    attrs2: Sequence[Attribute]) -> dict[str, dict]:
+    """Per attribute of either judge (judge 1's first): its figure (`{a}_bias` or `{a}_gap`, mean / std over prompts
+    and interval) under each judge that reads it (None under the other), and, for attributes both read, the share of
+    images on which they agree and Cohen's kappa (`common.metrics.agreement`, pooled over all images of the set; only
+    images with a face count) and how many images were compared."""
+    from common.metrics import agreement, predictions, target_kind
+
+    specs1, specs2 = {a.name: a for a in attrs1}, {a.name: a for a in attrs2}
+    out = {}
+    for name in [*specs1, *(n for n in specs2 if n not in specs1)]:
+        spec = specs1.get(name, specs2.get(name))
+        metric = f"{name}_{target_kind(spec)}"
+        entry: dict = {"metric": metric}
+        for key, specs, s in (("judge1", specs1, summary1), ("judge2", specs2, summary2)):
+            inside = name in specs
+            entry[key] = s["mean"][metric] if inside else None
+            entry[f"{key}_std"] = s["std"][metric] if inside else None
+            entry[f"{key}_ci"] = list(s["ci"][metric]) if inside and metric in s["ci"] else None
+        entry.update(share=None, kappa=None, n_compared=0)
+        if name in specs1 and name in specs2:
+            pa, pb = predictions(j.probs[name], j.found), predictions(j.probs2[name], j.found)
+            entry["share"], entry["kappa"] = agreement(pa, pb, spec.num_classes)
+            entry["n_compared"] = int(((pa >= 0) & (pb >= 0)).sum())
+        out[name] = entry
+    return out
+
+
+def _fmt_entry(e: dict, key: str) -> str:
+    mean = e[key]
+    if mean is None:
+        return "-"
+    if math.isnan(mean):
+        return "n/a"
+    s = f"{mean:.3f}" + ("" if e[f"{key}_std"] is None or math.isnan(e[f"{key}_std"]) else f" ± {e[f'{key}_std']:.3f}")
+    ci = e.get(f"{key}_ci")
+    if ci and ci[0] is not None and not math.isnan(ci[0]):
+        s += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return s
+
+
+def agreement_markdown(agreement: Mapping[str, Mapping[str, dict]], judge1: str, judge2: str) -> str:
+    """Markdown section of `evaluate`'s "agreement" report ({set: `judge_agreement`}): one row per attribute and set."""
+
+    def num(v):
+        return "-" if v is None else "n/a" if math.isnan(v) else f"{v:.3f}"
+
+    lines = [
+        f"## Judge agreement: judge 1 `{judge1}`, judge 2 `{judge2}`",
+        "",
+        "Each judge's figure: mean ± std over prompts [bootstrap interval], among images with a detected face (both "
+        "judges read the same face crops). Agreement: share of those images to which both judges give the same "
+        "class, pooled over prompts; Cohen's kappa corrects it for the agreement expected by chance from the two "
+        "judges' class frequencies (n/a: no image compared, or both judges give every image one and the same class). "
+        "'-': the judge does not read the attribute.",
+        "",
+        f"| attribute | set | metric | judge 1 ({judge1}) | judge 2 ({judge2}) | agreement | kappa | images compared |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    names = [a for per_set in agreement.values() for a in per_set]
+    for a in dict.fromkeys(names):
+        for label, per_set in agreement.items():
+            if a not in per_set:
+                continue
+            e = per_set[a]
+            both = e["judge1"] is not None and e["judge2"] is not None
+            lines.append(f"| {a} | {label} | {e['metric']} | {_fmt_entry(e, 'judge1')} | {_fmt_entry(e, 'judge2')} | "
+                         f"{num(e['share'])} | {num(e['kappa'])} | {e['n_compared'] if both else '-'} |")
+    return "\n".join(lines) + "\n"
+
+
 def _write_csv(path: Path, rows: list[dict]) -> None:
     keys: list[str] = []
     for r in rows:
@@ -385,13 +501,18 @@ def load_judges(
     image_encoders: Sequence[str] = (),
     device: str = "cpu",
     classifier_kwargs: Mapping | None = None,
+    judge2: str | None = None,
+    judge2_path=None,
 ) -> dict:
     """Load the evaluation models once (and early, so that a missing weight file fails before any long work):
-    {"classifier": AttributeClassifier, "clip": (CLIPModel, tokenizer) | None, "encoders": {name: encoder}}."""
+    {"classifier": AttributeClassifier, "clip": (CLIPModel, tokenizer) | None, "encoders": {name: encoder},
+    "classifier2": the second judge `judge2` (any `load_classifier` name, weights `judge2_path`) | None}."""
     from common.classifiers import load_classifier
 
-    out: dict = {"classifier": load_classifier(classifier, path=classifier_path, device=device,
-                                               **dict(classifier_kwargs or {})), "clip": None, "encoders": {}}
+    kw1, kw2 = judge_kwargs(classifier, judge2, classifier_kwargs)
+    out: dict = {"classifier": load_classifier(classifier, path=classifier_path, device=device, **kw1), "clip": None,
+                 "encoders": {}}
+    out["classifier2"] = load_classifier(judge2, path=judge2_path, device=device, **kw2) if judge2 else None
     if clip_model:
         from common.metrics import load_clip_model
         from common.models import clip_tokenizer
@@ -426,10 +547,14 @@ def evaluate(
     progress: bool = True,
     classifier_kwargs: Mapping | None = None,
     judges: dict | None = None,
+    judge2: str | None = None,
+    judge2_path=None,
 ) -> dict:
     """Judge `images_dir` (and `reference_dir`), compute the metrics and write the report into `out_dir` (see the
     module docstring). `judges`: models already loaded by `load_judges` (then classifier / clip_model /
-    image_encoders are only recorded). Returns {"summaries": {label: summary}, "attributes": [...], "settings"}."""
+    image_encoders / judge2 are only recorded). `judge2`: a second classifier's registry name, run on the same face
+    crops. Returns {"summaries": {label: summary}, "attributes": [...], "settings"}, and with a second judge
+    "judge2" {"name", "attributes", "summaries"} and "agreement" {label: `judge_agreement`}."""
     from common.metrics import summarize
     from common.plots import attribute_colors, frequency_plot
 
@@ -446,21 +571,34 @@ def evaluate(
                                  "them: pass --prompts FILE:SPLIT")
     if judges is None:
         judges = load_judges(classifier, classifier_path, clip_model, image_encoders if reference_dir else (),
-                             device, classifier_kwargs)
+                             device, classifier_kwargs, judge2=judge2, judge2_path=judge2_path)
     clf, clip, encs = judges["classifier"], judges.get("clip"), judges.get("encoders") or {}
-    attrs = attribute_specs(clf.attributes, targets)
+    clf2 = judges.get("classifier2")
+    if (clf2 is None) != (not judge2):  # judges loaded elsewhere must hold the second judge that the report names
+        raise ValueError(f"judge2 = {judge2!r} but judges['classifier2'] is {'not ' if clf2 is None else ''}loaded; "
+                         "pass both (load_judges(..., judge2=NAME)) or neither")
+    if clf2 is None:
+        attrs = attribute_specs(clf.attributes, targets)
+    else:
+        attrs, attrs2 = judge_attributes(clf.attributes, clf2.attributes, targets)
 
     judged: dict[str, Judgement] = {}
     for label, s in sets.items():
         judged[label] = judge(s, clf, detector, batch_size, device, clip,
                               grid_dir=out / "grids" / label if grids else None, grid_attrs=attrs,
-                              grid_tile=grid_tile, grid_order=grid_order, progress=progress)
+                              grid_tile=grid_tile, grid_order=grid_order, progress=progress, classifier2=clf2)
     if reference_dir is not None and encs:
         scores = paired_scores(sets[labels[0]], sets[labels[1]], encs, batch_size, device, progress)
         for name, v in scores.items():
             judged[labels[0]].extra[PAIRED_NAMES.get(name, name)] = v
 
     summaries = {label: summarize(j.table(), attrs, threshold=threshold, n_boot=n_boot) for label, j in judged.items()}
+    agree = None
+    if clf2 is not None:
+        summaries2 = {label: summarize(j.table2(), attrs2, threshold=threshold, n_boot=n_boot)
+                      for label, j in judged.items()}
+        agree = {label: judge_agreement(j, summaries[label], summaries2[label], attrs, attrs2)
+                 for label, j in judged.items()}
 
     # files
     rows = [r for label, j in judged.items() for r in j.rows(label)]
@@ -470,7 +608,10 @@ def evaluate(
         with (out / name).open("wb") as f:
             pickle.dump(j.authors_results(), f)
     title = f"Evaluation of {Path(images_dir)}" + (f" against {Path(reference_dir)}" if reference_dir else "")
-    (out / "summary.md").write_text(summary_markdown(summaries, title))
+    md = summary_markdown(summaries, title)
+    if agree is not None:
+        md += "\n" + agreement_markdown(agree, classifier, judge2)
+    (out / "summary.md").write_text(md)
     metric_rows = []
     for label, s in summaries.items():
         for m in s["metrics"]:
@@ -499,10 +640,16 @@ def evaluate(
     settings = {"images": str(images_dir), "reference": str(reference_dir) if reference_dir else None,
                 "classifier": classifier, "classifier_path": str(classifier_path) if classifier_path else None,
                 "detector": detector, "clip_model": clip_model, "image_encoders": list(image_encoders),
-                "threshold": threshold, "labels": list(labels)}
+                "threshold": threshold, "labels": list(labels), "judge2": judge2,
+                "judge2_path": str(judge2_path) if judge2_path else None}
     report = {"settings": settings, "attributes": [{"name": a.name, "classes": list(a.classes),
                                                      "target": list(a.target)} for a in attrs],
               "summaries": summaries}
+    if agree is not None:
+        report["judge2"] = {"name": judge2, "attributes": [{"name": a.name, "classes": list(a.classes),
+                                                            "target": list(a.target)} for a in attrs2],
+                            "summaries": summaries2}
+        report["agreement"] = agree
     (out / "summary.json").write_text(json.dumps(_json_keys(report), indent=2) + "\n")
     return report
 
@@ -536,6 +683,44 @@ def _parse_targets(items: Sequence[str] | None) -> dict[str, list[float]]:
     return out
 
 
+HUB_OPTIONS = ("label_map", "clip_prompts")
+"""`load_classifier` keywords that only hub judges (`hf:`, `clip:`) take"""
+
+
+def judge_kwargs(judge1: str, judge2: str | None, kwargs: Mapping | None) -> tuple[dict, dict]:
+    """`load_classifier` keywords for each judge: the hub options (label map, CLIP prompts) go to whichever judges are
+    hub judges, the rest (e.g. input_size) to judge 1 only. Hub options with no hub judge to take them are refused."""
+    from common.hub_judges import is_hub_name
+    from common.runtime import UsageError
+
+    kwargs = dict(kwargs or {})
+    hub = {k: v for k in HUB_OPTIONS if (v := kwargs.pop(k, None))}  # empty ones: nothing to route
+    if hub and not any(n and is_hub_name(n) for n in (judge1, judge2)):
+        raise UsageError(f"{' and '.join(hub)} apply to hf: / clip: judges, and neither '{judge1}' nor "
+                         f"'{judge2}' is one" if judge2 else f"{' and '.join(hub)} apply to hf: / clip: judges, "
+                         f"not to '{judge1}'")
+    return ({**kwargs, **(hub if is_hub_name(judge1) else {})},
+            dict(hub) if judge2 and is_hub_name(judge2) else {})
+
+
+def cli_classifier_kwargs(input_size: int | None = None, label_map: str | None = None,
+                          judges_config: str | None = None) -> dict | None:
+    """`load_classifier` keywords from the command line: --classifier-input-size, the hub judges' `judges.label_map`
+    and `judges.clip_prompts` of an experiment config (--judges-config, as the experiment scripts pass theirs) and
+    --label-map FILE.yaml ({model label: "attribute:class"}, `common.hub_judges.read_label_map`; its entries win)."""
+    out: dict = {"input_size": input_size} if input_size else {}
+    if judges_config:
+        from common.config import load_config
+
+        j = load_config(judges_config).judges
+        out.update({k: getattr(j, k) for k in HUB_OPTIONS if getattr(j, k)})
+    if label_map:
+        from common.hub_judges import read_label_map
+
+        out["label_map"] = {**out.get("label_map", {}), **read_label_map(label_map)}
+    return out or None
+
+
 def _parse_classifier_path(items: Sequence[str] | None):
     if not items:
         return None
@@ -556,6 +741,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--classifier-path", nargs="+", help="weights file, or ATTRIBUTE=PATH pairs for 'eval'")
     ap.add_argument("--classifier-input-size", type=int,
                     help="crop size the classifier sees (default its own: 224 for the authors' checkpoints)")
+    ap.add_argument("--label-map", metavar="FILE.yaml", help="hf: classifiers: {model label: 'attribute:class'} for "
+                    "labels the automatic mapping by name does not know, e.g. {Woman: 'gender:female'}")
+    ap.add_argument("--judges-config", metavar="CONFIG.yaml", help="take the hub judges' judges.label_map and "
+                    "judges.clip_prompts from this experiment config (the experiment scripts pass theirs)")
+    ap.add_argument("--judge2", help="a second classifier (any registry name) run on the same face crops: the report "
+                                     "gives each judge's bias per attribute, their agreement share and Cohen's kappa")
+    ap.add_argument("--judge2-path", help="weights of the second judge (default: its own)")
     ap.add_argument("--detector", default="mtcnn", help="face detector: mtcnn | whole-image | toy")
     ap.add_argument("--prompts", help="FILE[:SPLIT] prompt texts when the folder has no manifest.json")
     ap.add_argument("--clip-model", help="CLIP (both towers) for CLIP-T, e.g. " + "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -583,7 +775,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from common.runtime import enable_tf32, require_device
 
     args = build_parser().parse_args(argv)
-    judges = {args.classifier, *(args.image_encoders if args.reference else ())}
+    judges = {args.classifier, *(args.image_encoders if args.reference else ())} | ({args.judge2} if args.judge2 else set())
     names = "judges " + ", ".join(sorted(judges))
     args.device = require_device(names, args.cpu or judges <= SYNTHETIC_JUDGES, "pass --cpu (or --device cpu)",
                                  args.device)
@@ -599,7 +791,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         image_encoders=args.image_encoders, targets=_parse_targets(args.target), labels=tuple(args.labels),
         batch_size=args.batch_size, device=args.device, grids=not args.no_grids, grid_tile=args.grid_tile,
         grid_order=args.grid_order, n_boot=args.n_boot, threshold=args.threshold,
-        classifier_kwargs={"input_size": args.classifier_input_size} if args.classifier_input_size else None,
+        classifier_kwargs=cli_classifier_kwargs(args.classifier_input_size, args.label_map, args.judges_config),
+        judge2=args.judge2, judge2_path=args.judge2_path,
     )
     print((Path(args.out) / "summary.md").read_text())
     return report

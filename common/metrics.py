@@ -140,6 +140,32 @@ def predictions(probs: torch.Tensor, found: torch.Tensor) -> torch.Tensor:
     return torch.where(found.bool(), pred, torch.full_like(pred, -1))
 
 
+def agreement(pred_a: torch.Tensor, pred_b: torch.Tensor, num_classes: int) -> tuple[float, float]:
+    """How well two judges agree on one attribute: (share, Cohen's kappa) over the images where BOTH made a
+    prediction (class >= 0 in `pred_a` and `pred_b`, LongTensor[n] each; -1 = no face / no prediction).
+
+    share = p_o, the fraction of compared images with the same class; kappa = (p_o - p_e) / (1 - p_e), where p_e =
+    sum_k a_k b_k is the agreement expected by chance from the two judges' class frequencies a, b over the compared
+    images. Computed from integer counts, so the values are exact up to the final division. Degenerate cases: no
+    compared image -> (NaN, NaN); p_e == 1 (both judges give one and the same class to every compared image, so p_o
+    is 1 too) -> kappa NaN, since chance alone explains the agreement and 0/0 has no value; the share is still 1.
+    """
+    a, b = _check_pred(pred_a, num_classes), _check_pred(pred_b, num_classes)
+    if a.numel() != b.numel():
+        raise ValueError(f"agreement needs two prediction vectors of one length, got {a.numel()} and {b.numel()}")
+    both = (a >= 0) & (b >= 0)
+    a, b = a[both], b[both]
+    n = int(a.numel())
+    if n == 0:
+        return float("nan"), float("nan")
+    same = int((a == b).sum())
+    chance = int((torch.bincount(a, minlength=num_classes) * torch.bincount(b, minlength=num_classes)).sum())
+    share = same / n
+    if chance == n * n:  # p_e == 1
+        return share, float("nan")
+    return share, (same * n - chance) / (n * n - chance)  # (p_o - p_e) / (1 - p_e), both scaled by n^2
+
+
 def face_rate(found: torch.Tensor) -> float:
     """Fraction of images in which a face was detected (NaN for no images)."""
     found = torch.as_tensor(found).bool()

@@ -206,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--classifier", default="eval", help="evaluation classifier (the authors' three test heads)")
     ap.add_argument("--classifier-path", nargs="+", help="weights file, or ATTRIBUTE=PATH pairs for 'eval'")
     ap.add_argument("--classifier-input-size", type=int)
+    ap.add_argument("--label-map", metavar="FILE.yaml",
+                    help="hf: classifiers: {model label: 'attribute:class'} (as common.evaluate's --label-map)")
+    ap.add_argument("--judges-config", metavar="CONFIG.yaml",
+                    help="hub judges' judges.label_map / clip_prompts from an experiment config (as common.evaluate)")
+    ap.add_argument("--judge2", help="a second classifier (any registry name) on the same face crops: the table gains "
+                                     "each judge's bias per attribute, their agreement share and Cohen's kappa")
+    ap.add_argument("--judge2-path", help="weights of the second judge (default: its own)")
     ap.add_argument("--detector", default="mtcnn")
     ap.add_argument("--clip-model", default="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
                     help="CLIP for CLIP-T ('' to skip)")
@@ -217,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict:
 
     from common.adapters import adapters_disabled
-    from common.evaluate import _parse_classifier_path, evaluate, load_judges
+    from common.evaluate import _parse_classifier_path, agreement_markdown, evaluate, load_judges
     from common.generate import generate_to_dir, load_adapters
     from common.models import load_components
     from common.prompts import load_prompts
@@ -241,9 +248,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     prompts = load_prompts(args.prompts, cwd=True)[: args.limit_prompts or None]
 
     # judges first: a missing weight file fails before the long generation
-    ckw = {"input_size": args.classifier_input_size} if args.classifier_input_size else None
+    from common.evaluate import cli_classifier_kwargs
+
+    ckw = cli_classifier_kwargs(args.classifier_input_size, args.label_map, args.judges_config)
     judges = load_judges(args.classifier, _parse_classifier_path(args.classifier_path), args.clip_model or None,
-                         args.image_encoders, device, ckw)
+                         args.image_encoders, device, ckw, judge2=args.judge2, judge2_path=args.judge2_path)
     comps = load_components(args.model, dtype=dtype, device=device)
     adapters = load_adapters(comps, lora=args.lora, released=args.released, ema=not args.no_ema)
     gen = dict(steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
@@ -254,12 +263,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     generate_to_dir(comps, prompts, out / "debiased", n,
                     info={"model": args.model, "adapters": adapters, "prompt_spec": args.prompts}, **gen)
     del comps
+    read = {*judges["classifier"].attributes, *(judges["classifier2"].attributes if judges["classifier2"] else ())}
     report = evaluate(out / "debiased", out / "eval", classifier=args.classifier, detector=args.detector,
                       reference_dir=out / "original", clip_model=args.clip_model or None,
                       image_encoders=args.image_encoders, device=device,
-                      targets={k: v for k, v in exp.targets.items() if k in judges["classifier"].attributes}, n_boot=args.n_boot,
-                      judges=judges)
+                      targets={k: v for k, v in exp.targets.items() if k in read}, n_boot=args.n_boot,
+                      judges=judges, judge2=args.judge2, judge2_path=args.judge2_path)
     table = paper_table(args.experiment, variant, prompts, report["summaries"])
+    if "agreement" in report:  # the second judge's columns, as in the evaluation's summary.md
+        table += "\n" + agreement_markdown(report["agreement"], args.classifier, args.judge2)
     (out / "reproduce.md").write_text(table)
     print(table)
     return {"report": report, "table": table, "out": str(out)}

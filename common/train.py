@@ -204,7 +204,8 @@ class Trainer:
         self.keep_heads = {h: h for h in cfg.loss.keep}  # classifier outputs kept image by image (not debiased)
         self.judge_heads = {**self.heads, **self.keep_heads}
         data = cfg.paths.data_dir
-        self.classifier = load_classifier(j.classifier, j.classifier_path, device=self.device, dtype=dtype, data_dir=data)
+        self.classifier = load_classifier(j.classifier, j.classifier_path, device=self.device, dtype=dtype, data_dir=data,
+                                          label_map=j.label_map, clip_prompts=j.clip_prompts)
         self.detector = get_detector(j.detector)  # runs on the images' device
         self.encoders = [load_image_encoder(n, device=self.device, dtype=dtype) for n in j.features]
         self.face_encoder = (load_face_encoder(j.face_encoder, device=self.device, dtype=dtype, data_dir=data)

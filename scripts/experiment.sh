@@ -26,9 +26,10 @@ except ConfigError as e:
     sys.exit(print('error:', e, file=sys.stderr) or 2)
 s = c.sampling
 print(c.paths.output_dir, c.model.name, ','.join(c.prompts.test), s.test_images_per_prompt, c.judges.eval_classifier,
-      c.judges.detector, ','.join(c.judges.features) or '-', s.test_steps, s.guidance, s.image_size, data_root(c.paths.data_dir))
+      c.judges.detector, ','.join(c.judges.features) or '-', s.test_steps, s.guidance, s.image_size,
+      c.judges.agreement or '-', data_root(c.paths.data_dir))
 " "$cfg") || exit $?
-read -r out model prompts n_img classifier detector features steps guidance size data <<< "$vals"
+read -r out model prompts n_img classifier detector features steps guidance size judge2 data <<< "$vals"
 set_out=()
 if [ -n "${OUTPUT_DIR:-}" ]; then out=$OUTPUT_DIR; set_out=(--set "paths.output_dir=$out"); fi
 # every tool resolves data paths against the config's data folder
@@ -53,7 +54,9 @@ case $action in
     exec "$PY" -m common.generate --model "$model" --lora "$out/export" "${args[@]}" --images-per-prompt "$n_img" \
       "${gen[@]}" --out "$out/images/debiased" "$@" ;;
   evaluate)
+    second=(); [ "$judge2" = - ] || second=(--judge2 "$judge2")  # judges.agreement: a second judge, when set
     exec "$PY" -m common.evaluate --images "$out/images/debiased" --reference "$out/images/original" \
-      --classifiers "$classifier" --detector "$detector" "${encoders[@]}" --out "$out/eval" "$@" ;;
+      --classifiers "$classifier" --detector "$detector" "${encoders[@]}" "${second[@]}" --judges-config "$cfg" \
+      --out "$out/eval" "$@" ;;
   *) echo "error: unknown action '$action' (train | export | generate | evaluate)" >&2; exit 2 ;;
 esac

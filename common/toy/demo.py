@@ -2,14 +2,16 @@
 training AND held-out occupations with the project's own tools (generate -> evaluate), and write outputs/demo/.
 
     python -m common.toy demo [--out outputs/demo] [--config exp-3-debias-gender-race/configs/toy.yaml]
-                              [--images N] [--prompts N] [--set key=value ...]
+                              [--images N] [--prompts N] [--set key=value ...] [--judge2 NAME]
 
 Outputs: run/ (the training run: checkpoints, metrics.csv, validation grids), {split}/original|debiased/ (images),
 {split}/pairs.png (each prompt's first 16 images: originals above the debiased images from the same noises),
 {split}/eval/ (per-image CSV, summary table, annotated grids, frequency plots against the target), bias_table.md,
 summary.json (gender/race bias before and after on held-out occupations, the same prefixed `train_`, similarity,
 degraded rate, `{attribute}_changed_after` for what was not debiased (age: the share of images whose age changed),
-minutes).
+minutes). The toy world has one judge; with a second (`--judge2 NAME` or the config's judges.agreement), summary.json
+and bias_table.md also give, per attribute both read, its figure under judge 2 (`judge2_{attribute}_{bias|gap}_*`) and the
+two judges' agreement share and Cohen's kappa (`{attribute}_agreement_*`, `{attribute}_kappa_*`).
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO / "exp-3-debias-gender-race" / "configs" / "toy.yaml"
 
 
-def _measure(trainer, prompts: list[str], out: Path, images: int, split: str) -> dict:
+def _measure(trainer, prompts: list[str], out: Path, images: int, split: str, judge2: str | None = None) -> dict:
     """Generate `images` per prompt with the original and the debiased (EMA) model from the same noise, evaluate both
-    with the toy judges, and return the summaries."""
+    with the toy judges (and the second judge `judge2`), and return the `common.evaluate` report."""
     from common import adapters as ad
     from common.evaluate import evaluate
     from common.generate import generate_to_dir
@@ -45,8 +47,8 @@ def _measure(trainer, prompts: list[str], out: Path, images: int, split: str) ->
     targets = {a.name: list(a.target) for a in trainer.attrs}
     res = evaluate(out / "debiased", out / "eval", classifier=cfg.judges.eval_classifier, detector=cfg.judges.detector,
                    reference_dir=out / "original", prompts=prompts, image_encoders=tuple(cfg.judges.features),
-                   targets=targets, grid_tile=96, n_boot=200, progress=True)
-    return res["summaries"]
+                   targets=targets, grid_tile=96, n_boot=200, progress=True, judge2=judge2)
+    return res
 
 
 def pairs_grid(split_dir: Path, n_prompts: int, per_prompt: int = 16, scale: int = 3) -> Path:
@@ -76,7 +78,7 @@ def changed_shares(eval_dir: Path, debiased: set[str]) -> dict[str, float]:
     for r in rows:
         if r["set"] in sets:
             sets[r["set"]][(r["prompt_index"], r["image_index"])] = r
-    attrs = [k[: -len("_pred")] for k in (rows[0] if rows else {}) if k.endswith("_pred")]
+    attrs = [k[: -len("_pred")] for k in (rows[0] if rows else {}) if k.endswith("_pred") and not k.startswith("judge2_")]
     out = {}
     for a in attrs:
         if a in debiased:
@@ -85,6 +87,27 @@ def changed_shares(eval_dir: Path, debiased: set[str]) -> dict[str, float]:
                  if k in sets["original"] and r[f"{a}_pred"] and sets["original"][k][f"{a}_pred"]]
         out[a] = sum(x != y for x, y in pairs) / len(pairs) if pairs else float("nan")
     return out
+
+
+def second_judge_summary(reports: dict[str, dict], judge2: str) -> tuple[dict[str, float], list[str]]:
+    """From the `common.evaluate` reports of the splits ("train", "heldout"; sets "original" before, "debiased"
+    after) with a second judge: summary entries `{prefix}judge2_{metric}_{before,after}` (its figure, e.g.
+    judge2_gender_bias), `{prefix}{attribute}_agreement_*` and `{prefix}{attribute}_kappa_*` for every attribute both
+    judges read (prefix "train_" for the training split, "" held-out), and bias_table.md rows of them."""
+    summary: dict[str, float] = {}
+    rows: list[str] = []
+    for split, prefix in (("train", "train_"), ("heldout", "")):
+        for a, e in reports[split]["agreement"]["debiased"].items():
+            before = reports[split]["agreement"]["original"][a]
+            if e["judge2"] is None or e["judge1"] is None:  # read by one judge only: nothing to compare
+                continue
+            for key, name in (("judge2", f"judge2_{e['metric']}"), ("share", f"{a}_agreement"), ("kappa", f"{a}_kappa")):
+                summary[f"{prefix}{name}_before"], summary[f"{prefix}{name}_after"] = before[key], e[key]
+            rows += [f"| {split} | {e['metric'].replace('_', ' ')}, judge 2 ({judge2}) | {before['judge2']:.3f} | "
+                     f"{e['judge2']:.3f} |",
+                     f"| {split} | {a} agreement with judge 2 (kappa) | {before['share']:.3f} ({before['kappa']:.3f}) | "
+                     f"{e['share']:.3f} ({e['kappa']:.3f}) |"]
+    return summary, rows
 
 
 def measured_prompts(world, pairs: list[tuple[int, int]], n: int) -> list[str]:
@@ -107,8 +130,9 @@ def measured_prompts(world, pairs: list[tuple[int, int]], n: int) -> list[str]:
 
 
 def run_demo(out: str | Path = "outputs/demo", config: str | Path = DEFAULT_CONFIG, images: int = 128,
-             n_prompts: int = 8, overrides: list[str] | None = None) -> dict:
-    """Train on the toy world with `config`, measure, write everything under `out`; returns summary.json's content."""
+             n_prompts: int = 8, overrides: list[str] | None = None, judge2: str | None = None) -> dict:
+    """Train on the toy world with `config`, measure, write everything under `out`; returns summary.json's content.
+    `judge2`: a second evaluation classifier (default the config's judges.agreement; none in the toy configs)."""
     from common.config import load_config
     from common.toy.world import ToyWorld
     from common.train import Trainer
@@ -124,7 +148,9 @@ def run_demo(out: str | Path = "outputs/demo", config: str | Path = DEFAULT_CONF
     world = ToyWorld()
     splits = {"train": measured_prompts(world, world.train_pairs, n_prompts),
               "heldout": measured_prompts(world, world.heldout_pairs, n_prompts)}
-    summaries = {s: _measure(trainer, p, out / s, images, s) for s, p in splits.items()}
+    judge2 = judge2 or cfg.judges.agreement
+    reports = {s: _measure(trainer, p, out / s, images, s, judge2) for s, p in splits.items()}
+    summaries = {s: r["summaries"] for s, r in reports.items()}
 
     def mean(split, label, key):
         return float(summaries[split][label]["mean"].get(key, float("nan")))
@@ -136,6 +162,8 @@ def run_demo(out: str | Path = "outputs/demo", config: str | Path = DEFAULT_CONF
             summary[f"{prefix}{a}_bias_after"] = mean(split, "debiased", f"{a}_bias")
         summary[f"{prefix}gender_race_bias_before"] = mean(split, "original", "gender_race_bias")
         summary[f"{prefix}gender_race_bias_after"] = mean(split, "debiased", "gender_race_bias")
+    agree, agree_rows = second_judge_summary(reports, judge2) if judge2 else ({}, [])
+    summary.update(agree)
     for split, prefix in (("heldout", ""), ("train", "train_")):  # unrequested changes (e.g. age), image by image
         for a, v in changed_shares(out / split / "eval", {a.name for a in trainer.attrs}).items():
             summary[f"{prefix}{a}_changed_after"] = v
@@ -157,6 +185,7 @@ def run_demo(out: str | Path = "outputs/demo", config: str | Path = DEFAULT_CONF
         for a in ("gender", "race", "gender_race"):
             before, after = summary[f"{prefix}{a}_bias_before"], summary[f"{prefix}{a}_bias_after"]
             table.append(f"| {split} | {a} bias | {before:.3f} | {after:.3f} |")
+    table += agree_rows
     (out / "bias_table.md").write_text("\n".join(table) + "\n")
     print("\n".join(["", "=" * 72, "fair-diffusion demo: gender x race debiasing on the toy world (text-encoder LoRA)",
                      "=" * 72, *table, "",
@@ -182,6 +211,8 @@ def main(argv=None) -> dict:
                          "0.05 race: the summary's *_bias_floor)")
     ap.add_argument("--prompts", type=int, default=8, help="occupations measured per split")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--judge2", help="a second evaluation classifier (registry name): the report adds its bias and its "
+                                     "agreement with the toy judge (the toy world ships no second judge)")
     ap.add_argument("--threads", default="auto",
                     help="torch threads; auto = 2 on an idle machine, 1 when other work shares the cores (two OpenMP "
                          "threads then spin-wait and run many times slower)")
@@ -191,4 +222,4 @@ def main(argv=None) -> dict:
         threads = 1 if os.getloadavg()[0] > 1.0 else min(2, os.cpu_count() or 1)
     torch.set_num_threads(int(threads))
     print(f"[demo] {torch.get_num_threads()} torch thread(s)")
-    return run_demo(a.out, a.config, a.images, a.prompts, a.overrides)
+    return run_demo(a.out, a.config, a.images, a.prompts, a.overrides, a.judge2)
