@@ -480,7 +480,7 @@ def load_lora(components, path: str | Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The authors' released .pth files (reference notes §3.2-3.6)
+# The authors' released .pth files (docs/method.md#released-checkpoint-format)
 # ----------------------------------------------------------------------------------------------------------------
 
 _TE_MODULE = re.compile(r"(?:text_model\.)?encoder\.layers\.(\d+)\.(self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])")
@@ -516,7 +516,7 @@ def _dims(m: nn.Module) -> tuple[int, int]:
 
 def _released_entries(model: nn.Module) -> dict[str, tuple[str, str, int, int]]:
     """Released key -> (our module name, "A" | "B", in_features, out_features), built from `model`'s own modules
-    (a CLIP text model or a U-Net, adapted or not), in the authors' order (§3.2, §3.3)."""
+    (a CLIP text model or a U-Net, adapted or not), in the authors' order (docs/method.md#released-checkpoint-format)."""
     out: dict[str, tuple[str, str, int, int]] = {}
     te = []
     for name, m in model.named_modules():
@@ -579,7 +579,8 @@ def _unknown_key(path: Path, part: str, key: str) -> CheckpointError:
 
 def _expected_lora_keys(part: str, found: Sequence[re.Match]) -> list[str]:
     """Every key a complete file covering the layers (text encoder) or blocks (U-Net) of `found` holds, in the authors'
-    order (§3.2, §3.3): without a model, completeness can only be judged within what the file covers."""
+    order (docs/method.md#released-checkpoint-format): without a model, completeness can only be judged within what
+    the file covers."""
     if part == "text_encoder":
         n = max(int(m[1]) for m in found) + 1
         return [f"text_model.encoder.layers.{i}.{mod}.lora_linear_layer.{d}.weight" for mlp in (False, True)
@@ -676,7 +677,8 @@ def _clip_layers_prefix() -> str:
 
 
 def _released_module(part: str, key: str) -> tuple[str, str]:
-    """A checked released key -> (module name in the transformers / diffusers model, "A" | "B"), per §3.6."""
+    """A checked released key -> (module name in the transformers / diffusers model, "A" | "B"), per
+    docs/method.md#released-checkpoint-format."""
     m = _RELEASED_KEY[part].fullmatch(key)
     if part == "text_encoder":
         return f"{_clip_layers_prefix()}encoder.layers.{m[1]}.{m[2]}", "A" if m[3] == "down" else "B"
@@ -832,7 +834,8 @@ def load_released(paths: Sequence[str | Path], components, ema: bool = True) -> 
 def write_released(rel: Released, out_dir: str | Path, metadata: dict | None = None) -> Path:
     """Write `rel` in the interchange formats without a base model: the files, tensors and adapter metadata that
     `load_released` into the base model followed by `save_lora` writes (the module names come from the released keys,
-    §3.6). One field cannot come from a base: the text encoder's peft `base_model_name_or_path` is "", the value
+    docs/method.md#released-checkpoint-format). One field cannot come from a base: the text encoder's peft
+    `base_model_name_or_path` is "", the value
     transformers records for a model without a checkpoint name. Returns the main file (or the folder)."""
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import save_file

@@ -4,7 +4,7 @@ Input: 224 x 224 face crops in [-1, 1], with NO ImageNet normalisation (as the a
 per attribute, class orders as `common.attributes` (gender: female, male; race: WMELH, Black, Indian, Asian; age:
 young, old).
 
-Layouts (the checkpoint files of the authors' data.zip, reference §2.1, §5, §6):
+Layouts (the checkpoint files of the authors' data.zip, docs/method.md#classifiers):
   celeba80    80 logits = 40 CelebA attributes x 2; attribute 20 ("Male") -> gender      (training, exp-1/2)
   fairface6   6 logits  = [gender 2 | race 4]                                           (training, exp-3/5/6)
   fairface8   8 logits  = [gender 2 | race 4 | age 2]                                   (training, exp-4)

@@ -10,7 +10,7 @@ noise) the reference is judged too, and CLIP-I / DINO compare each image with it
 and image index. Outputs in OUT:
 - `results.csv`: one row per image (set, prompt index, prompt, image index, file, face found, score, box, per
   attribute the class probabilities, the predicted class ("" without a face) and its confidence, per-image scores);
-- `test_results.pkl` (and `reference_test_results.pkl`): the authors' structure (reference §5.2), a list
+- `test_results.pkl` (and `reference_test_results.pkl`): the authors' structure (docs/method.md#metrics), a list
   `[face_indicators, face_bboxs, gender_logits, race_logits, age_logits]`, each a dict prompt index -> CPU tensor in
   image order (bool [n]; int64 [n, 4] expanded boxes, -1 rows without a face; fp32 logits [n, 2] / [n, 4] / [n, 2];
   logits of rows without a face are those of the all -1 crop, meaningless as in theirs). An attribute the classifier

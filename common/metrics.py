@@ -3,7 +3,8 @@ distance to a target (age), face-found and low-confidence rates, bootstrap confi
 semantics-preservation scores CLIP-T (image-prompt), CLIP-I and DINO (paired images from the same noise).
 
 Conventions. A prediction vector `pred` is a LongTensor[n] of class indices with -1 for "no face"; every frequency is
-taken among the images WITH a face (paper §3). The per-prompt functions are pure (tensors in, floats out) so that the
+taken among the images WITH a face (docs/method.md#metrics). The per-prompt functions are pure (tensors in, floats
+out) so that the
 trainer's validation and `common.evaluate` compute the same numbers. A prompt without any detected face has undefined
 frequencies: its metrics are NaN and means over prompts skip it (`nanmean`), which `summarize` reports as
 `n_prompts_without_faces`.
@@ -289,7 +290,7 @@ def bootstrap_mean_ci(values: Sequence[float], n_boot: int = 2000, level: float 
 # ----------------------------------------------------------------------------------------------------------------
 
 DEFAULT_CLIP_T = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
-"""the CLIP the authors trained with (`common.features.CLIP_ID`); which CLIP the paper's CLIP-T used is unknown (§3)"""
+"""the CLIP the authors trained with (`common.features.CLIP_ID`); which CLIP the paper's CLIP-T used is unknown"""
 
 
 def load_clip_model(name: str = DEFAULT_CLIP_T, device="cpu", dtype=torch.float32):
@@ -472,7 +473,7 @@ def summarize(
     def put(metric: str, i: int, value: float):
         per_prompt.setdefault(metric, {})[i] = value
 
-    balanced = [s for s in specs if _is_uniform(s)]  # the bias assumes a uniform target (paper §3)
+    balanced = [s for s in specs if _is_uniform(s)]  # the bias assumes a uniform target (docs/method.md#metrics)
     joints: list[tuple[Attribute, ...]] = list(itertools.combinations(balanced, 2))
     if len(balanced) > 2:
         joints.append(tuple(balanced))

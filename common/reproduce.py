@@ -4,9 +4,9 @@ prompts (the same noise for both), evaluate both, and print a paper-style table 
     python -m common.reproduce --experiment exp-3 --variant text-encoder \
         --released data/released/exp-3/checkpoint-12200_exported
 
-Published numbers are only those in ../shared/spec/paper.md: the project page's per-prompt examples (§4.1 for exp-3,
-§4.2 for exp-4) and the user-quoted gender bias of exp-1's text-encoder LoRA (§5). The paper's tables were not
-retrievable, so every other cell reads "not available": no number is invented. Outputs: OUT/original, OUT/debiased
+Published numbers are only these: the project page's per-prompt examples (exp-3 and exp-4) and the user-quoted
+gender bias of exp-1's text-encoder LoRA. The paper's tables were not retrievable, so every other cell reads "not
+available": no number is invented. Outputs: OUT/original, OUT/debiased
 (images, resumable), OUT/eval (the `common.evaluate` report) and OUT/reproduce.md (the table printed here).
 """
 
@@ -23,12 +23,12 @@ from common.generate import DEFAULT_SEED
 from common.models import DTYPES, resolve_dtype
 
 TEMPLATE = "a photo of the face of a {occupation}, a person"
-"""the paper's test template (paper.md §2.1): templated published rows are keyed by occupation"""
+"""the paper's test template: templated published rows are keyed by occupation"""
 
 
 @dataclass(frozen=True)
 class Experiment:
-    """What an experiment debiases and how the authors evaluated it (reference §1.2, §4.3)."""
+    """What an experiment debiases and how the authors evaluated it (docs/method.md#metrics)."""
 
     title: str
     metrics: tuple[str, ...]
@@ -51,8 +51,8 @@ EXPERIMENTS = {
 
 SCORE_METRICS = ("face_rate", "clip_t", "clip_i", "dino")
 
-_41 = "paper.md §4.1 (project page: gender x race debias, text-encoder LoRA rank 50; original SD -> debiased)"
-_42 = "paper.md §4.2 (project page: age 75% young / 25% old jointly with gender x race; original SD -> debiased)"
+_41 = "the project page (gender x race debias, text-encoder LoRA rank 50; original SD -> debiased)"
+_42 = "the project page (age 75% young / 25% old jointly with gender x race; original SD -> debiased)"
 PUBLISHED_PER_PROMPT: dict[str, tuple[str, dict[str, dict[str, tuple[float, float]]]]] = {
     "exp-3": (_41, {
         "electrical and electronics repairer": {"gender_bias": (0.84, 0.11), "race_bias": (0.48, 0.10),
@@ -98,7 +98,7 @@ PUBLISHED_PER_PROMPT: dict[str, tuple[str, dict[str, dict[str, tuple[float, floa
 
 PUBLISHED_MEAN: dict[tuple[str, str], tuple[str, dict[str, str]]] = {
     ("exp-1", "text-encoder"): (
-        "paper.md §5 (the paper's headline, as quoted by users: mean ± std over the 50 test occupations)",
+        "the paper's headline, as quoted by users (mean ± std over the 50 test occupations)",
         {"gender_bias": "0.23 ± 0.16"},
     ),
 }
@@ -146,7 +146,7 @@ def paper_table(experiment: str, variant: str, prompts: Sequence[str], summaries
         f"# {experiment} ({exp.title}), variant {variant}: ours beside the published numbers",
         "",
         f"Ours: mean ± std over {deb['n_prompts']} prompts [95% bootstrap interval], frequencies among detected "
-        "faces. The paper's tables were not retrievable (paper.md §4): a cell reads "
+        "faces. The paper's tables were not retrievable: a cell reads "
         f"'{NOT_AVAILABLE}' wherever no published number is known.",
         "",
         f"| metric | {labels[1]} (ours) | {labels[0]} (ours) | {labels[1]} (paper) | {labels[0]} (paper) |",
@@ -176,7 +176,7 @@ def paper_table(experiment: str, variant: str, prompts: Sequence[str], summaries
                   "move with the sampled images (see the intervals above)."]
     else:
         lines.append(f"None of the {len(prompts)} evaluated prompts is among the paper's published per-prompt "
-                     f"examples for {experiment}" + (" (paper.md §4.1/§4.2)." if experiment in PUBLISHED_PER_PROMPT
+                     f"examples for {experiment}" + (" (the project page's)." if experiment in PUBLISHED_PER_PROMPT
                                                       else " (none are published for it)."))
     return "\n".join(lines) + "\n"
 

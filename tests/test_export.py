@@ -193,7 +193,7 @@ def test_find_checkpoint_prefers_latest_then_permanent(tmp_path):
 
 def write_released_files(folder, base, ranks, prefix=0, seed=4):
     """The authors' files fabricated from a tiny base: LoRA tensors laid out by `released_layout` (whose keys and
-    shapes test_adapters checks against hand-written tables), one rank per file; a §3.4 prefix file with `prefix`
+    shapes test_adapters checks against hand-written tables), one rank per file; a prefix file with `prefix`
     tokens (row 0 zeros, the base's own position table)."""
     g = torch.Generator().manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -362,7 +362,8 @@ def test_from_released_bad_input_is_one_sentence(make_tiny, tmp_path, capsys, ca
 def test_from_released_sd15_shapes_name_the_real_modules(tmp_path):
     """At SD 1.5 size (rank 1, models built on the meta device, no weights): every tensor the no-base export writes
     names a Linear of the real CLIP text model / U-Net (`text_encoder.` / `unet.` + module + `.lora_A|B.weight`)
-    with shape [1, in] / [out, 1], and every adapted Linear is covered: 144 + 256 tensors (§3.2, §3.3)."""
+    with shape [1, in] / [out, 1], and every adapted Linear is covered: 144 + 256 tensors
+    (docs/method.md#released-checkpoint-format)."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
