@@ -36,7 +36,8 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name: str = SD15
-    """hub id, local diffusers folder, `toy` (the shipped toy world) or `tiny` (random SD-shaped weights, tests)"""
+    """hub id or local diffusers folder (SD 1.x or SDXL, told apart by the folder), `toy` (the shipped toy world),
+    `tiny` / `tiny-sdxl` (random SD- / SDXL-shaped weights, tests)"""
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     """dtype of the frozen weights; trainable tensors are always fp32. auto = bf16 on a GPU that supports it, else
     fp16 (the fast-DFT gradient in fp16 is far from fp32's unless the loss is scaled: docs/real-path.md)"""

@@ -121,7 +121,8 @@ def iter_generate(
     with torch.no_grad():
         for batch in batches:
             for i in {i for i, _ in batch} - set(cache):
-                cache[i] = encode_prompts(components, [prompts[i]], mode)
+                side = shape[-1] * components.vae_factor  # SDXL conditions on the image size (SD 1.x ignores it)
+                cache[i] = encode_prompts(components, [prompts[i]], mode, image_size=side)
             cond = Conditioning.cat([cache[i] for i, _ in batch])
             noise = torch.cat([noise_for(prompts[i], [j], shape, seed) for i, j in batch]).to(device)
             images = sample(components, cond, noise, steps, guidance=guidance).images.float().cpu()

@@ -1,5 +1,5 @@
-"""Stable Diffusion components: load real ones (hub id or local folder), build tiny SD-shaped ones for tests, and the
-offline CLIP tokenizer.
+"""Stable Diffusion components (SD 1.x and SDXL): load real ones (hub id or local folder), build tiny SD- and
+SDXL-shaped ones for tests, and the offline CLIP tokenizer.
 
 Every tool receives a `Components` bundle; nothing else in the project calls `from_pretrained` on SD parts.
 """
@@ -18,7 +18,7 @@ import torch
 
 from common.config import SD15  # noqa: F401 - re-exported: the default base model
 
-# SD 1.x noise schedule (Appendix A of the reference notes).
+# SD 1.x noise schedule (docs/method.md#reference-numbers); SDXL base was trained with the same betas.
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 
@@ -47,7 +47,14 @@ def resolve_dtype(name: str | None, device) -> torch.dtype:
 
 @dataclass
 class Components:
-    """The five parts of a Stable Diffusion model. `vae_scale` is the latent scaling factor (0.18215 for SD 1.x)."""
+    """The parts of a Stable Diffusion model. `vae_scale` is the latent scaling factor (0.18215 for SD 1.x, 0.13025
+    for SDXL).
+
+    SDXL adds a second tokenizer / text encoder (`CLIPTextModelWithProjection`, whose projected pooled output and the
+    size "time ids" the U-Net takes as extra inputs); both are None for SD 1.x. `force_zeros_for_empty_prompt` is the
+    SDXL pipeline's flag of that name (model_index.json; diffusers' default True): the empty negative prompt is
+    replaced by zeros, as SDXL was trained to drop its conditioning. The real SDXL VAE overflows in fp16 (diffusers
+    upcasts it, `force_upcast`); this project does not: run an SDXL VAE in fp32 or bf16, or use an fp16-fixed VAE."""
 
     tokenizer: object
     text_encoder: torch.nn.Module
@@ -57,6 +64,19 @@ class Components:
     name: str = ""
     prompt_prefix: str = ""
     """text put in front of every prompt of the finetuned model (exp-2's soft tokens); set by `common.adapters`"""
+    tokenizer_2: object = None
+    text_encoder_2: torch.nn.Module | None = None
+    force_zeros_for_empty_prompt: bool = True
+
+    @property
+    def is_sdxl(self) -> bool:
+        """True for SDXL-style components (two text encoders; the U-Net takes pooled text embeddings and time ids)."""
+        return self.text_encoder_2 is not None
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        """[text_encoder] for SD 1.x, [text_encoder, text_encoder_2] for SDXL."""
+        return [self.text_encoder] + ([self.text_encoder_2] if self.is_sdxl else [])
 
     @property
     def vae_scale(self) -> float:
@@ -82,7 +102,7 @@ class Components:
 
     def freeze(self) -> Components:
         """Freeze every base weight (adapters added later stay trainable)."""
-        for m in (self.text_encoder, self.unet, self.vae):
+        for m in (*self.text_encoders, self.unet, self.vae):
             m.requires_grad_(False)
         return self
 
@@ -195,7 +215,7 @@ def tiny_components(seed: int = 0, image_size: int = 64, text_dim: int = 32, dty
     AutoencoderKL with 4 blocks (down-sampling 8, as SD) + the project's DPM-Solver++ scheduler + the real CLIP tokenizer.
     Same seed -> identical weights.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -215,7 +235,18 @@ def tiny_components(seed: int = 0, image_size: int = 64, text_dim: int = 32, dty
         attention_head_dim=8,
         norm_num_groups=16,
     )
-    vae = AutoencoderKL(
+    vae = _tiny_vae(image_size, scaling_factor=0.18215)
+    comps = Components(clip_tokenizer(), te.eval(), unet.eval(), vae.eval(), make_scheduler(), name="tiny")
+    for m in (comps.text_encoder, comps.unet, comps.vae):
+        m.to(device=device, dtype=dtype)
+    return comps.freeze()
+
+
+def _tiny_vae(image_size: int, scaling_factor: float):
+    """AutoencoderKL with 4 blocks (down-sampling 8, as SD and SDXL) and 4 latent channels."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -225,10 +256,61 @@ def tiny_components(seed: int = 0, image_size: int = 64, text_dim: int = 32, dty
         latent_channels=4,
         norm_num_groups=8,
         sample_size=image_size,
-        scaling_factor=0.18215,
+        scaling_factor=scaling_factor,
     )
-    comps = Components(clip_tokenizer(), te.eval(), unet.eval(), vae.eval(), make_scheduler(), name="tiny")
-    for m in (comps.text_encoder, comps.unet, comps.vae):
+
+
+def sdxl_tokenizer_2():
+    """SDXL's second tokenizer: the same CLIP BPE tokenizer, padding with "!" (id 0) as in the SDXL repositories."""
+    tok = clip_tokenizer()
+    tok.pad_token = "!"
+    return tok
+
+
+def tiny_sdxl_components(seed: int = 0, image_size: int = 64, dtype=torch.float32, device="cpu") -> Components:
+    """SDXL-architecture components with random weights, small enough for CPU tests.
+
+    CLIPTextModel (hidden 32) + CLIPTextModelWithProjection (hidden 48, projection 32), 2 layers each, so the U-Net's
+    cross-attention width is 32 + 48 = 80 (the two penultimate hidden states concatenated) + UNet2DConditionModel
+    shaped like SDXL's (no attention in the first block, 2 transformer layers in the second, linear projections,
+    `addition_embed_type="text_time"` with 6 time ids of 8 dims + the 32-d pooled embedding) + the tiny SD VAE with
+    SDXL's scaling factor 0.13025 + the project's scheduler + the CLIP tokenizer twice (the second pads with "!").
+    Same seed -> identical weights.
+    """
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    dims, proj, time_dim = (32, 48), 32, 8
+
+    def text_config(width: int) -> CLIPTextConfig:
+        return CLIPTextConfig(**CLIP_TOKENS, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                              num_attention_heads=4, projection_dim=proj)
+
+    te = CLIPTextModel(text_config(dims[0]))
+    te2 = CLIPTextModelWithProjection(text_config(dims[1]))
+    unet = UNet2DConditionModel(
+        sample_size=image_size // 8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        use_linear_projection=True,
+        cross_attention_dim=sum(dims),
+        attention_head_dim=(4, 8),
+        norm_num_groups=16,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + proj,
+    )
+    vae = _tiny_vae(image_size, scaling_factor=0.13025)
+    comps = Components(clip_tokenizer(), te.eval(), unet.eval(), vae.eval(), make_scheduler(), name="tiny-sdxl",
+                       tokenizer_2=sdxl_tokenizer_2(), text_encoder_2=te2.eval())
+    check_sdxl(comps)
+    for m in (*comps.text_encoders, comps.unet, comps.vae):
         m.to(device=device, dtype=dtype)
     return comps.freeze()
 
@@ -239,10 +321,13 @@ def tiny_components(seed: int = 0, image_size: int = 64, text_dim: int = 32, dty
 
 
 def load_components(model: str = SD15, dtype=torch.float32, device="cpu", text_encoder_dtype=None) -> Components:
-    """Tokenizer, text encoder, U-Net, VAE and the project's scheduler from a hub id, a local folder, `toy` (the
-    shipped toy world) or `tiny` (random SD-shaped weights). Base weights are frozen.
+    """Tokenizer(s), text encoder(s), U-Net, VAE and the project's scheduler from a hub id, a local folder, `toy` (the
+    shipped toy world), `tiny` (random SD-shaped weights) or `tiny-sdxl` (random SDXL-shaped weights); `tiny:SEED` /
+    `tiny-sdxl:SEED` pick the seed. Base weights are frozen.
 
-    `text_encoder_dtype` overrides `dtype` for the text encoder (exp-2 keeps it in fp32).
+    SD 1.x or SDXL is read from the model itself: its U-Net config's `addition_embed_type == "text_time"` (SDXL's
+    extra pooled-text and time-id inputs) makes it SDXL, which also needs tokenizer_2/ and text_encoder_2/.
+    `text_encoder_dtype` overrides `dtype` for the text encoder(s) (exp-2 keeps it in fp32).
     """
     from common.runtime import quiet_libraries
 
@@ -254,50 +339,126 @@ def load_components(model: str = SD15, dtype=torch.float32, device="cpu", text_e
     elif model == "tiny" or model.startswith("tiny:"):
         seed = int(model.split(":", 1)[1]) if ":" in model else 0
         comps = tiny_components(seed=seed)
+    elif model == "tiny-sdxl" or model.startswith("tiny-sdxl:"):
+        seed = int(model.split(":", 1)[1]) if ":" in model else 0
+        comps = tiny_sdxl_components(seed=seed)
     else:
         comps = _load_diffusers(model, dtype, text_encoder_dtype or dtype)
-    comps.text_encoder.to(device=device, dtype=text_encoder_dtype or dtype)
+    for te in comps.text_encoders:
+        te.to(device=device, dtype=text_encoder_dtype or dtype)
     comps.unet.to(device=device, dtype=dtype)
     comps.vae.to(device=device, dtype=dtype)
     return comps.freeze()
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}).") from e
+
+
+def _unet_is_sdxl(unet_config: dict) -> bool:
+    """SDXL's U-Net takes pooled text embeddings and size time ids as extra inputs (`addition_embed_type="text_time"`)."""
+    return unet_config.get("addition_embed_type") == "text_time"
+
+
 def _load_diffusers(model: str, dtype=torch.float32, text_encoder_dtype=torch.float32) -> Components:
-    """Loaded straight into the target dtypes (one conversion from the files' dtype, not two)."""
+    """Loaded straight into the target dtypes (one conversion from the files' dtype, not two). SD 1.x or SDXL is
+    decided by the U-Net config (`_unet_is_sdxl`); SDXL's `force_zeros_for_empty_prompt` comes from model_index.json
+    (diffusers' default True when the folder has none or it lacks the key)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     local = Path(model).expanduser()
     if local.exists():
-        missing = [d for d in ("tokenizer", "text_encoder", "unet", "vae") if not (local / d).is_dir()]
+        unet_cfg = local / "unet" / "config.json"
+        sdxl = unet_cfg.is_file() and _unet_is_sdxl(_read_json(unet_cfg))
+        needed = ("tokenizer", "text_encoder", "unet", "vae") + (("tokenizer_2", "text_encoder_2") if sdxl else ())
+        missing = [d for d in needed if not (local / d).is_dir()]
         if missing:
             raise FileNotFoundError(
                 f"{local} is not a diffusers Stable Diffusion folder: missing sub-folder(s) {', '.join(missing)} "
-                "(expected tokenizer/, text_encoder/, unet/, vae/ as written by `StableDiffusionPipeline.save_pretrained`)."
+                "(expected tokenizer/, text_encoder/, unet/, vae/ as written by `StableDiffusionPipeline.save_pretrained`, "
+                "plus tokenizer_2/ and text_encoder_2/ for SDXL; the SDXL refiner, without text_encoder/, is not supported)."
             )
         src = str(local)
+        index_file = local / "model_index.json"
+        index = _read_json(index_file) if index_file.is_file() else {}
     else:
         src = model
     try:
+        if not local.exists():  # hub id: the same two facts from the hub's files
+            from diffusers import DiffusionPipeline
+
+            sdxl = _unet_is_sdxl(UNet2DConditionModel.load_config(src, subfolder="unet"))
+            index = DiffusionPipeline.load_config(src) if sdxl else {}
         tok = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer")
         te = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", dtype=text_encoder_dtype)
         unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=dtype)
         vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=dtype)
+        extra = {}
+        if sdxl:
+            extra = dict(
+                tokenizer_2=CLIPTokenizer.from_pretrained(src, subfolder="tokenizer_2"),
+                text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
+                    src, subfolder="text_encoder_2", dtype=text_encoder_dtype
+                ).eval(),
+                force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
+            )
     except OSError as e:
         if local.exists():
             raise
         raise OSError(
             f"Could not load Stable Diffusion model '{model}' (no local copy and the hub is not reachable or "
             "HF_HUB_OFFLINE=1). Download it on a connected machine with `huggingface-cli download "
-            f"{model}` (or `StableDiffusionPipeline.from_pretrained(...).save_pretrained(DIR)`), then set "
+            f"{model}` (or `DiffusionPipeline.from_pretrained(...).save_pretrained(DIR)`), then set "
             "`model.name` to that folder."
         ) from e
-    return Components(tok, te.eval(), unet.eval(), vae.eval(), make_scheduler(), name=model)
+    comps = Components(tok, te.eval(), unet.eval(), vae.eval(), make_scheduler(), name=model, **extra)
+    if sdxl:
+        check_sdxl(comps)
+    return comps
+
+
+def check_sdxl(comps: Components) -> None:
+    """Raise ValueError when SDXL components do not fit together: the U-Net's cross-attention width must be the sum of
+    the two encoders' widths, and its added-embedding input 6 time ids x `addition_time_embed_dim` + text_encoder_2's
+    `projection_dim` (the refiner's 5 ids with an aesthetic score do not fit)."""
+    cfg = comps.unet.config
+    widths = [te.config.hidden_size for te in comps.text_encoders]
+    if cfg.cross_attention_dim != sum(widths):
+        raise ValueError(
+            f"{comps.name}: the U-Net's cross_attention_dim is {cfg.cross_attention_dim} but the two text encoders' "
+            f"hidden sizes {widths} sum to {sum(widths)}."
+        )
+    wanted = comps.unet.add_embedding.linear_1.in_features
+    got = 6 * cfg.addition_time_embed_dim + comps.text_encoder_2.config.projection_dim
+    if wanted != got:
+        raise ValueError(
+            f"{comps.name}: the U-Net's added embedding takes {wanted} values but 6 time ids x "
+            f"{cfg.addition_time_embed_dim} + text_encoder_2's projection_dim {comps.text_encoder_2.config.projection_dim}"
+            f" = {got} (only SDXL base-style U-Nets are supported, not the refiner)."
+        )
 
 
 def diffusers_pipeline(comps: Components):
-    """A `StableDiffusionPipeline` sharing these components (no safety checker), for parity checks and users."""
-    from diffusers import StableDiffusionPipeline
+    """A `StableDiffusionPipeline` (SD 1.x) or `StableDiffusionXLPipeline` (SDXL, no watermarker) sharing these
+    components (no safety checker), for parity checks and users."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if comps.is_sdxl:
+        return StableDiffusionXLPipeline(
+            vae=comps.vae,
+            text_encoder=comps.text_encoder,
+            text_encoder_2=comps.text_encoder_2,
+            tokenizer=comps.tokenizer,
+            tokenizer_2=comps.tokenizer_2,
+            unet=comps.unet,
+            scheduler=comps.scheduler,
+            force_zeros_for_empty_prompt=comps.force_zeros_for_empty_prompt,
+            add_watermarker=False,
+        )
 
     return StableDiffusionPipeline(
         vae=comps.vae,

@@ -14,7 +14,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-SYNTHETIC_MODELS = ("toy", "tiny")
+SYNTHETIC_MODELS = ("toy", "tiny", "tiny-sdxl")
 """model names that are built in the process (the toy world, random tiny SD shapes): CPU-sized by design"""
 
 
@@ -27,8 +27,8 @@ class UsageError(ValueError):
 
 
 def is_synthetic(model: str) -> bool:
-    """True for the toy world and the tiny random models (`tiny`, `tiny:SEED`)."""
-    return model in SYNTHETIC_MODELS or model.startswith("tiny:")
+    """True for the toy world and the tiny random models (`tiny`, `tiny-sdxl`, with or without `:SEED`)."""
+    return model in SYNTHETIC_MODELS or model.startswith(("tiny:", "tiny-sdxl:"))
 
 
 def cuda_report() -> str:

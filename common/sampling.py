@@ -1,10 +1,12 @@
 """Prompt conditioning, DPM-Solver++ rollouts that keep their trajectory, and adjusted direct finetuning (DFT).
 
-Conditioning follows the authors (reference notes §2.2): the prompt at its real token length with its attention mask,
+Conditioning follows the authors (docs/method.md#conditioning): the prompt at its real token length with its attention mask,
 the empty prompt padded to that length (masked, or unmasked on exp-2's prefix path), classifier-free guidance with
 `[uncond; cond]` in one U-Net call. A `padded` mode reproduces diffusers' `StableDiffusionPipeline` instead.
+SDXL components run through the same functions: their `Conditioning` also carries the pooled text embeddings and the
+size time ids (`encode_prompts` says how each mode applies), and `padded` reproduces `StableDiffusionXLPipeline`.
 
-Adjusted DFT (paper §1.5, reference notes §2.7): at every step the U-Net input is detached, the scheduler update stays
+Adjusted DFT (docs/method.md#adjusted-direct-finetuning): at every step the U-Net input is detached, the scheduler update stays
 differentiable and the gradient reaching the guided noise prediction eps_t is multiplied by
 c_t = sqrt(abar_t) sqrt(1 - abar_t) / (1 - alpha_t), normalised by the geometric mean over the steps used. Because
 DPM-Solver++ is linear in the latents and the noise predictions, the final latent is z_0 = k_T z_T + sum_t k_t eps_t
@@ -16,6 +18,7 @@ g = dL/dz_0, with every eps_t evaluated at the stored trajectory latent. `dft_ba
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -35,14 +38,25 @@ DFT_MODES = ("fast", "reference", "naive")
 # ----------------------------------------------------------------------------------------------------------------
 
 
+_SDXL_FIELDS = ("pooled", "uncond_pooled", "time_ids")
+_GRAD_FIELDS = ("cond", "uncond", "pooled", "uncond_pooled")  # the fields gradients can flow through
+
+
 @dataclass
 class Conditioning:
-    """Text conditioning of a batch: `cond`, `uncond` `[B, L, D]` (the text encoder's last hidden state).
+    """Text conditioning of a batch: `cond`, `uncond` `[B, L, D]` (SD 1.x: the text encoder's last hidden state;
+    SDXL: the two encoders' penultimate hidden states concatenated along D).
 
-    Rows of `uncond` may be an expanded view of one row (the empty prompt is encoded once per batch)."""
+    SDXL only (None for SD 1.x): `pooled`, `uncond_pooled` `[B, P]` (text_encoder_2's projected pooled embedding) and
+    `time_ids` `[B, 6]` fp32 (original height, width, crop top, left, target height, width), which both halves of the
+    guidance batch share, as in diffusers. Rows of `uncond` / `uncond_pooled` may be an expanded view of one row (the
+    empty prompt is encoded once per batch)."""
 
     cond: Tensor
     uncond: Tensor
+    pooled: Tensor | None = None
+    uncond_pooled: Tensor | None = None
+    time_ids: Tensor | None = None
 
     def __post_init__(self):
         if self.cond.shape != self.uncond.shape or self.cond.dim() != 3:
@@ -50,6 +64,27 @@ class Conditioning:
                 f"Conditioning expects cond and uncond of one shape [B, L, D]; got {tuple(self.cond.shape)} and "
                 f"{tuple(self.uncond.shape)}."
             )
+        given = [k for k in _SDXL_FIELDS if getattr(self, k) is not None]
+        if given and len(given) != len(_SDXL_FIELDS):
+            raise ValueError(
+                f"Conditioning got {given} but not all of {list(_SDXL_FIELDS)}: SDXL needs all three, SD 1.x none."
+            )
+        if given:
+            b = len(self.cond)
+            if (self.pooled.dim() != 2 or self.pooled.shape != self.uncond_pooled.shape or len(self.pooled) != b
+                    or self.time_ids.dim() != 2 or len(self.time_ids) != b):
+                raise ValueError(
+                    f"Conditioning expects pooled and uncond_pooled [B, P] and time_ids [B, 6] with B = {b}; got "
+                    f"{tuple(self.pooled.shape)}, {tuple(self.uncond_pooled.shape)} and {tuple(self.time_ids.shape)}."
+                )
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.pooled is not None
+
+    def _fields(self) -> dict[str, Tensor]:
+        """The tensor fields that are set, by name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
 
     def __len__(self) -> int:
         return self.cond.shape[0]
@@ -68,39 +103,75 @@ class Conditioning:
                 f"Conditioning.cat got sequence lengths {lengths}; they must be equal (the U-Net's cross-attention "
                 "is unmasked, so sample these conditionings in separate calls)."
             )
-        return Conditioning(torch.cat([c.cond for c in items]), torch.cat([c.uncond for c in items]))
+        if len({c.is_sdxl for c in items}) > 1:
+            raise ValueError("Conditioning.cat got SD 1.x and SDXL conditionings together; they need different U-Nets.")
+        names = items[0]._fields()
+        return Conditioning(**{k: torch.cat([getattr(c, k) for c in items]) for k in names})
 
     def slice(self, idx) -> Conditioning:
         """Rows `idx` (an int slice, index list or tensor) of the batch."""
         if isinstance(idx, int):
             idx = slice(idx, idx + 1)
-        return Conditioning(self.cond[idx], self.uncond[idx])
+        return Conditioning(**{k: v[idx] for k, v in self._fields().items()})
 
     def unet_context(self, dtype: torch.dtype) -> Tensor:
         """`[2B, L, D]` = `[uncond; cond]` in the U-Net's dtype: the CFG batch order of the authors and diffusers."""
         return torch.cat([self.uncond, self.cond]).to(dtype)
 
+    def unet_added_cond(self, dtype: torch.dtype) -> dict[str, Tensor] | None:
+        """SDXL's `added_cond_kwargs` for the U-Net (`text_embeds` `[2B, P]`, `time_ids` `[2B, 6]`) in the
+        `[uncond; cond]` order of `unet_context` and the U-Net's dtype; None for SD 1.x."""
+        if not self.is_sdxl:
+            return None
+        return {
+            "text_embeds": torch.cat([self.uncond_pooled, self.pooled]).to(dtype),
+            "time_ids": torch.cat([self.time_ids, self.time_ids]).to(dtype),
+        }
+
     @property
     def requires_grad(self) -> bool:
-        return self.cond.requires_grad or self.uncond.requires_grad
+        return any(v.requires_grad for k, v in self._fields().items() if k in _GRAD_FIELDS)
 
 
 def _tokenize(tokenizer, texts: list[str], **kw):
     return tokenizer(texts, return_tensors="pt", **kw)
 
 
-def encode_prompts(components: Components, prompts: list[str], conditioning: str = "reference") -> Conditioning:
+def sdxl_time_ids(target_size: tuple[int, int], original_size: tuple[int, int] | None = None,
+                  crop_top_left: tuple[int, int] = (0, 0)) -> Tensor:
+    """SDXL's size conditioning `[6]` fp32: original (height, width), crop (top, left), target (height, width), the
+    order of diffusers' `_get_add_time_ids`. `original_size` defaults to `target_size`, as the pipeline's does."""
+    original = target_size if original_size is None else original_size
+    return torch.tensor([*original, *crop_top_left, *target_size], dtype=torch.float32)
+
+
+def encode_prompts(components: Components, prompts: list[str], conditioning: str = "reference",
+                   image_size: int | tuple[int, int] | None = None) -> Conditioning:
     """Encode prompts and the empty negative prompt as the authors did (`reference`, `reference_unmasked`) or as
     diffusers' `StableDiffusionPipeline` does (`padded`). `components.prompt_prefix` is put in front of every prompt.
 
     - `reference`: prompts tokenised with `padding=True` (their real length L, BOS..EOS; several prompts of different
       lengths are padded to the longest) and encoded with their attention mask; `""` padded to L with pad keys masked.
-    - `reference_unmasked`: the same, but `""` is encoded without a mask (exp-2's prefix path, §1.6 of the notes).
+    - `reference_unmasked`: the same, but `""` is encoded without a mask (exp-2's prefix path, as the authors).
     - `padded`: both padded to the tokenizer's 77; the attention mask is passed only when the text encoder's config
       sets `use_attention_mask` (never for SD 1.x), exactly like the pipeline.
 
+    SDXL components (`components.is_sdxl`), as `StableDiffusionXLPipeline`: each prompt goes through both tokenizers /
+    encoders, `cond` = the two penultimate hidden states concatenated, `pooled` = text_encoder_2's projected pooled
+    output, `time_ids` = `sdxl_time_ids(image_size)` (`image_size` (height, width) or one side; default the U-Net's
+    native size, as the pipeline's; `sample` and `dft_backward` pass their noise's size). The modes:
+    - `padded`: both encoders at 77 tokens without a mask (the SDXL pipeline never passes one).
+    - `reference` / `reference_unmasked`: the prompt at its real length L with its mask in both encoders, as above.
+    - the negative: with `components.force_zeros_for_empty_prompt` (SDXL's default) zeros in every mode (`uncond`
+      and `uncond_pooled`), as the pipeline: SDXL was trained to drop its text by zeroing it. The U-Net's bias-free
+      cross-attention keys and values of zero rows are zero, so its output is the same for L zero rows as for 77,
+      and `reference_unmasked` equals `reference`. Without the flag, `""` is encoded as for SD 1.x (padded to 77 /
+      to L masked / to L unmasked), its pooled embedding from text_encoder_2.
+    `image_size` is ignored for SD 1.x.
+
     Returns `Conditioning` with `[B, L, D]` tensors in the text encoder's dtype. Runs with autograd when called under
-    grad, so text-encoder LoRA or prefix embeddings receive gradients.
+    grad, so text-encoder LoRA or prefix embeddings receive gradients (for SDXL through both encoders; text_encoder's
+    last layer is unused, text_encoder_2's reaches the U-Net only through `pooled`).
     """
     if conditioning not in CONDITIONING_MODES:
         raise ValueError(f"conditioning={conditioning!r} is not one of {CONDITIONING_MODES}.")
@@ -117,6 +188,8 @@ def encode_prompts(components: Components, prompts: list[str], conditioning: str
             f"Prompt {texts[i]!r} is {lengths[i]} tokens long; the text encoder takes at most {max_len} (BOS and EOS "
             "included)."
         )
+    if components.is_sdxl:
+        return _encode_sdxl(components, texts, conditioning, image_size)
     if conditioning == "padded":
         use_mask = bool(getattr(te.config, "use_attention_mask", False))
         ids = _tokenize(tok, texts, padding="max_length", max_length=max_len, truncation=True)
@@ -133,6 +206,50 @@ def encode_prompts(components: Components, prompts: list[str], conditioning: str
     cond = te(ids.input_ids.to(device), attention_mask=cond_mask)[0]
     uncond = te(empty.input_ids.to(device), attention_mask=empty_mask)[0]
     return Conditioning(cond, uncond.expand(len(texts), -1, -1))
+
+
+def _encode_sdxl(components: Components, texts: list[str], conditioning: str, image_size) -> Conditioning:
+    """`encode_prompts` for SDXL components (see there): penultimate hidden states of both encoders, pooled projection
+    of the second, time ids, zeroed or encoded negative."""
+    n, padded = len(texts), conditioning == "padded"
+    zero = components.force_zeros_for_empty_prompt
+    counts = [[len(ids) for ids in tok(texts).input_ids] for tok in (components.tokenizer, components.tokenizer_2)]
+    if counts[0] != counts[1]:
+        i = next(i for i, (a, b) in enumerate(zip(*counts)) if a != b)
+        raise ValueError(
+            f"tokenizer and tokenizer_2 split {texts[i]!r} into {counts[0][i]} and {counts[1][i]} tokens; SDXL needs "
+            "the same tokens in both (add new tokens to both tokenizers)."
+        )
+    hidden, empty_hidden, pooled, empty_pooled = [], [], None, None
+    for tok, te in zip((components.tokenizer, components.tokenizer_2), components.text_encoders):
+        device = next(te.parameters()).device
+        if padded:
+            ids = _tokenize(tok, texts, padding="max_length", max_length=tok.model_max_length, truncation=True)
+        else:
+            ids = _tokenize(tok, texts, padding=True)
+        mask = None if padded else ids.attention_mask.to(device)
+        out = te(ids.input_ids.to(device), attention_mask=mask, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        if te is components.text_encoder_2:
+            pooled = out.text_embeds
+        if zero:
+            continue
+        empty = _tokenize(tok, [""], padding="max_length", max_length=ids.input_ids.shape[1], truncation=True)
+        empty_mask = empty.attention_mask.to(device) if conditioning == "reference" else None
+        out = te(empty.input_ids.to(device), attention_mask=empty_mask, output_hidden_states=True)
+        empty_hidden.append(out.hidden_states[-2])
+        if te is components.text_encoder_2:
+            empty_pooled = out.text_embeds
+    cond = torch.cat(hidden, dim=-1)
+    if zero:
+        uncond, uncond_pooled = torch.zeros_like(cond), torch.zeros_like(pooled)
+    else:
+        uncond, uncond_pooled = torch.cat(empty_hidden, dim=-1).expand(n, -1, -1), empty_pooled.expand(n, -1)
+    if image_size is None:
+        image_size = components.unet.config.sample_size * components.vae_factor
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    time_ids = sdxl_time_ids(size).to(cond.device).repeat(n, 1)
+    return Conditioning(cond, uncond, pooled, uncond_pooled, time_ids)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -182,14 +299,16 @@ def _unet_dtype(components: Components) -> torch.dtype:
     return components.unet.dtype
 
 
-def _guided_eps(components: Components, x: Tensor, t: Tensor, context: Tensor, guidance: float) -> Tensor:
+def _guided_eps(components: Components, x: Tensor, t: Tensor, context: Tensor, guidance: float,
+                added: dict[str, Tensor] | None = None) -> Tensor:
     """Guided noise prediction `[n, 4, h, w]` fp32 for U-Net inputs `x` `[n, 4, h, w]` at timestep(s) `t` (0-dim or
-    `[n]`) with `context` `[2n, L, D]` = `[uncond; cond]`: one U-Net call, guidance in fp32."""
+    `[n]`) with `context` `[2n, L, D]` = `[uncond; cond]` and SDXL's `added` inputs in the same order (None for SD
+    1.x; `Conditioning.unet_added_cond`): one U-Net call, guidance in fp32."""
     unet = components.unet
     dtype = _unet_dtype(components)
     x2 = torch.cat([x, x]).to(dtype)
     t2 = torch.cat([t, t]) if t.dim() == 1 else t
-    out = _up(unet(x2, t2, encoder_hidden_states=context.to(dtype)).sample)
+    out = _up(unet(x2, t2, encoder_hidden_states=context.to(dtype), added_cond_kwargs=added).sample)
     eps_u, eps_c = out.chunk(2)
     return eps_u + guidance * (eps_c - eps_u)
 
@@ -203,6 +322,29 @@ def decode(components: Components, latents: Tensor) -> Tensor:
 
 
 _decode = decode  # `sample` has a flag named `decode`
+
+
+def _image_size(components: Components, noise: Tensor) -> tuple[int, int] | None:
+    """(height, width) in pixels of the images `noise` `[B, C, h, w]` makes, for SDXL's time ids; None for SD 1.x
+    (which ignores it) or a malformed noise (reported by `_check_noise`)."""
+    if not components.is_sdxl or noise.dim() != 4:
+        return None
+    return (noise.shape[2] * components.vae_factor, noise.shape[3] * components.vae_factor)
+
+
+def _check_conditioning(components: Components, cond: Conditioning, noise: Tensor) -> None:
+    """A pre-computed Conditioning must suit the model (SDXL or not) and, for SDXL, target the noise's image size."""
+    if cond.is_sdxl != components.is_sdxl:
+        kinds = ("an SDXL", "SD 1.x") if cond.is_sdxl else ("an SD 1.x", "SDXL")
+        raise ValueError(f"{kinds[0]} Conditioning was given for {kinds[1]} components ({components.name}).")
+    if cond.is_sdxl:
+        size = _image_size(components, noise)
+        targets = {tuple(int(v) for v in row) for row in cond.time_ids[:, 4:6].tolist()}
+        if targets != {size}:
+            raise ValueError(
+                f"Conditioning time ids target image size(s) {sorted(targets)} but the noise makes {size} images: "
+                f"encode the prompts with encode_prompts(..., image_size={size})."
+            )
 
 
 def _check_noise(components: Components, noise: Tensor, n: int) -> None:
@@ -221,10 +363,11 @@ def _rollout(
     sched.set_timesteps(steps, device=noise.device)
     latents = _up(noise) * sched.init_noise_sigma
     context = cond.unet_context(_unet_dtype(components))
+    added = cond.unet_added_cond(_unet_dtype(components))
     xs, epss = [], []
     for t in sched.timesteps:
         x = sched.scale_model_input(latents, t)
-        eps = _guided_eps(components, x, t, context, guidance)
+        eps = _guided_eps(components, x, t, context, guidance, added)
         if record:
             xs.append(_up(x))
             epss.append(eps)
@@ -259,9 +402,14 @@ def sample(
     `Conditioning.cat([finetuned, original])` with the noise repeated, so two models sharing the U-Net roll out
     together). `batch_size` bounds how many images go through the U-Net at once (None: all); `decode_chunk` how many
     go through one VAE decode (None: as many as `batch_size`). `progress` shows a bar.
+    SDXL: prompts are encoded with time ids for the noise's image size; a given `Conditioning` must target that size.
     """
-    cond = prompts if isinstance(prompts, Conditioning) else encode_prompts(components, prompts, conditioning)
+    if isinstance(prompts, Conditioning):
+        cond = prompts
+    else:
+        cond = encode_prompts(components, prompts, conditioning, image_size=_image_size(components, noise))
     _check_noise(components, noise, len(cond))
+    _check_conditioning(components, cond, noise)
     if steps < 1:
         raise ValueError(f"steps must be >= 1; got {steps}.")
     n = len(cond)
@@ -357,7 +505,8 @@ def _has_trainable(components: Components) -> bool:
     if any(p.requires_grad for p in components.unet.parameters()):
         return True
     with torch.enable_grad():
-        return encode_prompts(components, [""], "reference").cond.requires_grad
+        probe = encode_prompts(components, [""], "reference")
+        return probe.cond.requires_grad or (probe.is_sdxl and probe.pooled.requires_grad)
 
 
 def dft_backward(
@@ -422,17 +571,18 @@ def _dft_chain(
     sched.set_timesteps(steps, device=noise.device)
     coeffs = dft_coefficients(sched, sched.timesteps[first:]).tolist()
     with _checkpointing(components.unet, components.vae), torch.enable_grad():
-        cond = encode_prompts(components, prompts, conditioning)
+        cond = encode_prompts(components, prompts, conditioning, image_size=_image_size(components, noise))
         context = cond.unet_context(_unet_dtype(components))
+        added = cond.unet_added_cond(_unet_dtype(components))
         latents = _up(noise) * sched.init_noise_sigma
         for i, t in enumerate(tqdm(sched.timesteps, desc=f"DFT {mode}", disable=not progress, leave=False)):
             if i < first:  # outside the last K steps: no gradient at all
                 with torch.no_grad():
-                    eps = _guided_eps(components, sched.scale_model_input(latents, t), t, context, guidance)
+                    eps = _guided_eps(components, sched.scale_model_input(latents, t), t, context, guidance, added)
                     latents = sched.step(eps, t, latents).prev_sample
                 continue
             x = latents.detach() if mode == "reference" else latents
-            eps = _guided_eps(components, sched.scale_model_input(x, t), t, context, guidance)
+            eps = _guided_eps(components, sched.scale_model_input(x, t), t, context, guidance, added)
             if mode == "reference" and eps.requires_grad:
                 c = coeffs[i - first]
                 eps.register_hook(lambda grad, c=c: grad * c)
@@ -492,24 +642,27 @@ def _dft_fast(
     # The text encoder runs once with grad; the U-Net chunks write into detached leaves whose grads go back at the end.
     pairs = [(k, b) for k in range(first, steps) for b in range(n)]
     with _no_checkpointing(components.unet), torch.enable_grad():
-        cond = encode_prompts(components, prompts, conditioning)
-        # per tensor: with prefix tokens only the conditional branch carries them (the empty prompt has no prefix)
-        leaf = Conditioning(cond.cond.detach().requires_grad_(cond.cond.requires_grad),
-                            cond.uncond.detach().requires_grad_(cond.uncond.requires_grad))
+        cond = encode_prompts(components, prompts, conditioning, image_size=_image_size(components, noise))
+        # per tensor: with prefix tokens only the conditional branch carries them (the empty prompt has no prefix);
+        # SDXL's pooled embeddings are leaves too, its time ids are constants
+        grad_fields = [k for k in _GRAD_FIELDS if getattr(cond, k) is not None]
+        leaf = dataclasses.replace(cond, **{k: getattr(cond, k).detach().requires_grad_(getattr(cond, k).requires_grad)
+                                            for k in grad_fields})
         for s in tqdm(range(0, len(pairs), chunk), desc="DFT fast", disable=not progress, leave=False):
             ks = torch.tensor([p[0] for p in pairs[s : s + chunk]])
             bs = torch.tensor([p[1] for p in pairs[s : s + chunk]])
             dev = traj.latents.device
             x = traj.latents[ks.to(dev), bs.to(dev)]
             t = timesteps[ks.to(timesteps.device)].to(dev)
-            context = leaf.slice(bs.to(leaf.cond.device)).unet_context(_unet_dtype(components))
-            eps = _guided_eps(components, x, t, context, guidance)
+            rows = leaf.slice(bs.to(leaf.cond.device))
+            context = rows.unet_context(_unet_dtype(components))
+            eps = _guided_eps(components, x, t, context, guidance, rows.unet_added_cond(_unet_dtype(components)))
             w = weights[ks].to(device=eps.device, dtype=eps.dtype).view(-1, 1, 1, 1)
             surrogate = (w * g[bs.to(g.device)] * eps).sum()
             if surrogate.requires_grad:
                 surrogate.backward()
         if cond.requires_grad:
-            grads = [leaf.cond.grad, leaf.uncond.grad]
-            live = [(o, gr) for o, gr in zip((cond.cond, cond.uncond), grads) if gr is not None and o.requires_grad]
+            outs = [(getattr(cond, k), getattr(leaf, k).grad) for k in grad_fields]
+            live = [(o, gr) for o, gr in outs if gr is not None and o.requires_grad]
             torch.autograd.backward([o for o, _ in live], [gr for _, gr in live])
     return loss.detach()

@@ -249,9 +249,10 @@ class Trainer:
                   decode_chunk=self.cfg.sampling.decode_chunk)
         n = noise.shape[0]
         if self.unet_shared:
-            cond_ft = encode_prompts(self.comps, prompts, self.conditioning)
+            size = self.cfg.sampling.image_size  # SDXL conditions on it; SD 1.x ignores it
+            cond_ft = encode_prompts(self.comps, prompts, self.conditioning, image_size=size)
             with ad.adapters_disabled(self.comps):
-                cond_orig = encode_prompts(self.comps, prompts, self.conditioning)
+                cond_orig = encode_prompts(self.comps, prompts, self.conditioning, image_size=size)
             both = sample(self.comps, Conditioning.cat([cond_ft, cond_orig]), torch.cat([noise, noise]), steps,
                           return_trajectory=trajectory, **kw)
             return both.slice(torch.arange(n)), both.slice(torch.arange(n, 2 * n))
