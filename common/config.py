@@ -205,6 +205,8 @@ class SamplingConfig:
     """(image, step) pairs per U-Net call in the fast form"""
     decode_chunk: int = 2
     """images per VAE decode, with and without gradient (a 512 px decode of a whole step's images does not fit one GPU)"""
+    unet_checkpointing: bool = False
+    """recompute the U-Net's activations in the fast DFT's backward instead of storing them (SDXL at 1024 px)"""
 
     def __post_init__(self):
         if len(self.train_steps) != 2 or not 1 <= self.train_steps[0] <= self.train_steps[1]:

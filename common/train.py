@@ -379,7 +379,7 @@ class Trainer:
                 self.comps, prompts[: len(idx)], noise[idx], steps, fn, mode=mode,
                 rollout=ft.slice(idx) if mode == "fast" else None, guidance=cfg.sampling.guidance,
                 conditioning=self.conditioning, last_k=cfg.sampling.dft_last_k, chunk=cfg.sampling.dft_chunk,
-                decode_chunk=cfg.sampling.decode_chunk,
+                decode_chunk=cfg.sampling.decode_chunk, checkpointing=cfg.sampling.unet_checkpointing,
             )
             total += float(loss) / self.loss_scale
             for k, v in logs_mb.items():

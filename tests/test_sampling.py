@@ -349,6 +349,32 @@ def test_reference_checkpointing_is_nonreentrant_and_reaches_every_unet_lora(mak
     assert not comps.unet.is_gradient_checkpointing and not comps.vae.is_gradient_checkpointing
 
 
+def test_fast_with_unet_checkpointing_recomputes_and_keeps_the_gradient(make_tiny, monkeypatch):
+    """checkpointing=True (sampling.unet_checkpointing): the fast form's U-Net VJPs run under non-reentrant
+    checkpointing (spied) and give the gradient of the form without it (fp32, relative error < 1e-6: the same
+    operations recomputed); the modules' checkpointing state is restored."""
+    import torch.utils.checkpoint as ckpt
+
+    comps = make_tiny(seed=4, image_size=SIZE)
+    params = _add_trainables(comps, "both")
+    prompts, steps = [PROMPT] * 2, 4
+    noise = torch.randn(2, 4, SIZE // 8, SIZE // 8)
+    roll = sample(comps, prompts, noise, steps, return_trajectory=True)
+    _, plain = _grads(comps, params, prompts, noise, steps, _loss_fn(2), mode="fast", rollout=roll, chunk=3)
+    calls, real = [], ckpt.checkpoint
+
+    def spy(fn, *args, **kw):
+        calls.append(kw.get("use_reentrant"))
+        return real(fn, *args, **kw)
+
+    monkeypatch.setattr(ckpt, "checkpoint", spy)
+    _, recomputed = _grads(comps, params, prompts, noise, steps, _loss_fn(2), mode="fast", rollout=roll, chunk=3,
+                           checkpointing=True)
+    assert calls and set(calls) == {False}
+    assert _rel(recomputed, plain) < 1e-6
+    assert not comps.unet.is_gradient_checkpointing
+
+
 def test_bad_inputs_say_what_is_wrong(make_tiny):
     comps = make_tiny(seed=0, image_size=SIZE)
     noise = torch.randn(2, 4, SIZE // 8, SIZE // 8)
