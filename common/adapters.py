@@ -13,6 +13,12 @@
 
 Trainable names are stable and independent of peft's adapter naming: `text_encoder.<module>.lora_A.weight`,
 `unet.<module>.lora_B.weight`, `prefix.embeddings`.
+
+SDXL: LoRA on either or both text encoders (`text_encoder_2.<module>.lora_A.weight`; text_encoder's last layer is
+left out, as SDXL conditions on its penultimate hidden state) and the U-Net, written by
+`StableDiffusionXLPipeline.save_lora_weights`; each prefix token gets a row in both encoders (`prefix.embeddings`
+`[n, D1]`, `prefix_2.embeddings` `[n, D2]`; 768 + 1280 on the real model), written as diffusers' SDXL embeddings file
+(`clip_l`, `clip_g`). An SDXL export into SD 1.x components, or the reverse, is refused naming both models.
 """
 
 from __future__ import annotations
@@ -40,6 +46,15 @@ TI_FILE = "learned_embeds-{i}.safetensors"
 """textual-inversion file of prefix token i (1-based): {"<common-token{i}>": Tensor[D]} (diffusers' format)"""
 PREFIX_TOKEN = "<common-token{i}>"
 PREFIX_KEY = "prefix.embeddings"
+PREFIX_KEY_2 = "prefix_2.embeddings"
+"""SDXL: the prefix tokens' rows in text_encoder_2, `[n, D2]` (`PREFIX_KEY` holds text_encoder's)"""
+LORA_PARTS = ("text_encoder", "text_encoder_2", "unet")
+"""the models that can carry LoRA (text_encoder_2: SDXL only); their trainable names start with the part and a dot"""
+SDXL_TI_FILE = "learned_embeds_sdxl.safetensors"
+"""SDXL prefix tokens: {"clip_l": Tensor[n, D1], "clip_g": Tensor[n, D2]} (row i: token i; diffusers' SDXL embeddings
+layout), the tokens in the file's metadata "tokens" (a JSON list): `pipe.load_textual_inversion(emb["clip_l"],
+token=tokens, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)`, the same with clip_g and the _2 parts"""
+SDXL_TI_KEYS = ("clip_l", "clip_g")
 INFO_FILE = "adapter_info.json"
 
 RELEASED_FILES = {
@@ -66,32 +81,72 @@ def _lora_layers(model: nn.Module, adapter: str = ADAPTER) -> list[tuple[str, nn
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A]
 
 
-def _lora_config(rank: int, targets: Sequence[str]):
-    """The peft config of every LoRA this project adds or writes (shared so the exported metadata cannot drift)."""
+def _lora_config(rank: int, targets: Sequence[str], layers: Sequence[int] | None = None):
+    """The peft config of every LoRA this project adds or writes (shared so the exported metadata cannot drift);
+    `layers`: only those encoder layers (peft's `layers_to_transform`), else every matching module."""
     from peft import LoraConfig
 
-    return LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(targets))
+    extra = {} if layers is None else {"layers_to_transform": list(layers), "layers_pattern": "layers"}
+    return LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(targets), **extra)
 
 
-def add_lora(components, text_encoder: bool, unet: bool, rank: int) -> None:
-    """Add trainable LoRA adapters (peft) to the text encoder and/or the U-Net of `components`, in place.
+def model_kind(components) -> str:
+    """"SDXL" or "SD 1.x" (the two families of components this project runs)."""
+    return "SDXL" if getattr(components, "is_sdxl", False) else "SD 1.x"
+
+
+def _model_words(components) -> str:
+    """"the SDXL model 'NAME'" (or "this SD 1.x model" without a name), for error sentences."""
+    name = getattr(components, "name", "")
+    return f"the {model_kind(components)} model '{name}'" if name else f"this {model_kind(components)} model"
+
+
+def _lora_models(components) -> list[tuple[str, nn.Module]]:
+    """(part, model) for each model of `components` that can carry LoRA, in `LORA_PARTS` order."""
+    return [(part, getattr(components, part)) for part in LORA_PARTS if getattr(components, part, None) is not None]
+
+
+def add_lora(components, text_encoder: bool, unet: bool, rank: int, text_encoders: Sequence[int] = (1, 2)) -> None:
+    """Add trainable LoRA adapters (peft) to the text encoder(s) and/or the U-Net of `components`, in place.
 
     alpha = rank (scale 1, the authors' `network_alpha=None`), Gaussian init (std 1/r for A, zeros for B), targets
     `TE_TARGETS` / `UNET_TARGETS`. The LoRA tensors are fp32 and require grad whatever the base dtype (peft casts
     the layer input to fp32 for the LoRA branch and the sum back to the base dtype); the base stays frozen.
+    `text_encoders`: which encoders `text_encoder` adapts, 1-based (SDXL: 1 = text_encoder, 2 = text_encoder_2; SD 1.x
+    has only 1: a 2 is dropped there, [2] alone is an error). On SDXL text_encoder's last layer gets no LoRA: SDXL
+    conditions on its penultimate hidden state, so that layer's output is never used (and would get no gradient).
+    Adapters are added (and initialised from the global RNG) in `LORA_PARTS` order.
     """
     if not (text_encoder or unet):
         raise ValueError("add_lora: nothing to adapt; set text_encoder and/or unet to True")
     if rank < 1:
         raise ValueError(f"add_lora: rank must be >= 1, got {rank}")
-    for flag, name, targets in ((text_encoder, "text_encoder", TE_TARGETS), (unet, "unet", UNET_TARGETS)):
-        if not flag:
-            continue
+    selected = list(text_encoders)
+    if not selected or not set(selected) <= {1, 2}:
+        raise ValueError(f"add_lora: text_encoders = {selected}: expected a non-empty selection of 1 and 2")
+    parts = []
+    if text_encoder:
+        parts = [part for i, part in ((1, "text_encoder"), (2, "text_encoder_2"))
+                 if i in selected and getattr(components, part, None) is not None]
+        if not parts:
+            raise ValueError(f"add_lora: text_encoders = {selected} but {_model_words(components)} has only text "
+                             "encoder 1")
+    if unet:
+        parts.append("unet")
+    for name in parts:
         model = getattr(components, name)
         if _lora_layers(model):
             raise ValueError(f"add_lora: the {name} already has a LoRA adapter named '{ADAPTER}'")
+        layers = None
+        if name == "text_encoder" and getattr(components, "is_sdxl", False):
+            n_layers = model.config.num_hidden_layers
+            if n_layers < 2:
+                raise ValueError(f"add_lora: SDXL's text_encoder has {n_layers} layer; its LoRA goes on the layers "
+                                 "before the last, whose output SDXL does not use")
+            layers = range(n_layers - 1)
         model.requires_grad_(False)
-        model.add_adapter(_lora_config(rank, targets), adapter_name=ADAPTER)
+        model.add_adapter(_lora_config(rank, UNET_TARGETS if name == "unet" else TE_TARGETS, layers),
+                          adapter_name=ADAPTER)
         for _, layer in _lora_layers(model):
             for part in (layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]):
                 part.float().requires_grad_(True)
@@ -133,8 +188,17 @@ class PrefixTokens(nn.Module):
         return torch.where(hit.unsqueeze(-1), rows, output)
 
 
-def _prefix(components) -> PrefixTokens | None:
-    return getattr(components.text_encoder.get_input_embeddings(), "_fair_prefix", None)
+def _encoders(components) -> list[tuple[str, object, nn.Module]]:
+    """(tokenizer attribute, tokenizer, text encoder) for each text encoder: text_encoder, then SDXL's text_encoder_2."""
+    out = [("tokenizer", components.tokenizer, components.text_encoder)]
+    if getattr(components, "text_encoder_2", None) is not None:
+        out.append(("tokenizer_2", components.tokenizer_2, components.text_encoder_2))
+    return out
+
+
+def _prefixes(components) -> list[PrefixTokens | None]:
+    """The prefix module of each text encoder (`_encoders` order), None where it has none."""
+    return [getattr(te.get_input_embeddings(), "_fair_prefix", None) for _, _, te in _encoders(components)]
 
 
 def add_prefix_tokens(components, n: int, seed: int) -> list[str]:
@@ -143,32 +207,36 @@ def add_prefix_tokens(components, n: int, seed: int) -> list[str]:
     Each new row starts as a copy of an existing row chosen with `random.Random(seed)` (the authors used Python's
     `random`); the text encoder's table is resized and holds the initial copies, the trainable `[n, D]` parameter
     (`prefix.embeddings`) overrides them in the forward pass. Sets `components.prompt_prefix` to the joined tokens.
+    SDXL: the tokens go into both tokenizers (SDXL needs the same tokens in both) and each gets a row in both encoders,
+    copied from the same source rows; text_encoder_2's `[n, D2]` parameter is `prefix_2.embeddings`.
     """
     if n < 1:
         raise ValueError(f"add_prefix_tokens: n must be >= 1, got {n}")
-    if _prefix(components) is not None:
+    if any(p is not None for p in _prefixes(components)):
         raise ValueError("add_prefix_tokens: these components already have prefix tokens")
-    tok, te = components.tokenizer, components.text_encoder
+    encoders = _encoders(components)
     tokens = [PREFIX_TOKEN.format(i=i) for i in range(1, n + 1)]
-    vocab = tok.get_vocab()
-    clash = [t for t in tokens if t in vocab]
-    if clash:
-        raise ValueError(f"add_prefix_tokens: the tokenizer already has token(s) {clash}")
-    old = te.get_input_embeddings().weight.shape[0]
+    for attr, tok, _ in encoders:
+        vocab = tok.get_vocab()
+        clash = [t for t in tokens if t in vocab]
+        if clash:
+            raise ValueError(f"add_prefix_tokens: the {attr} already has token(s) {clash}")
+    old = min(te.get_input_embeddings().weight.shape[0] for _, _, te in encoders)
     rng = random.Random(seed)
     sources = [rng.randrange(old) for _ in range(n)]
-    if tok.add_tokens(tokens) != n:
-        raise RuntimeError(f"add_prefix_tokens: the tokenizer did not add all of {tokens}")
-    ids = tok.convert_tokens_to_ids(tokens)
-    te.resize_token_embeddings(len(tok), mean_resizing=False)
-    emb = te.get_input_embeddings()
-    emb.weight.requires_grad_(False)
-    with torch.no_grad():
-        for i, src in zip(ids, sources):
-            emb.weight[i] = emb.weight[src]
-    prefix = PrefixTokens(ids, emb.weight[ids].detach())
-    object.__setattr__(emb, "_fair_prefix", prefix)  # a plain attribute: not a registered submodule
-    emb.register_forward_hook(prefix.splice)
+    for attr, tok, te in encoders:
+        if tok.add_tokens(tokens) != n:
+            raise RuntimeError(f"add_prefix_tokens: the {attr} did not add all of {tokens}")
+        ids = tok.convert_tokens_to_ids(tokens)
+        te.resize_token_embeddings(len(tok), mean_resizing=False)
+        emb = te.get_input_embeddings()
+        emb.weight.requires_grad_(False)
+        with torch.no_grad():
+            for i, src in zip(ids, sources):
+                emb.weight[i] = emb.weight[src]
+        prefix = PrefixTokens(ids, emb.weight[ids].detach())
+        object.__setattr__(emb, "_fair_prefix", prefix)  # a plain attribute: not a registered submodule
+        emb.register_forward_hook(prefix.splice)
     components.prompt_prefix = "".join(tokens)
     return tokens
 
@@ -180,15 +248,16 @@ def add_prefix_tokens(components, n: int, seed: int) -> list[str]:
 
 def trainable_parameters(components) -> dict[str, nn.Parameter]:
     """Every tensor the finetuning trains, by stable name, sorted: `text_encoder.<module>.lora_{A,B}.weight`,
-    `unet.<module>.lora_{A,B}.weight`, `prefix.embeddings` `[n, D]`."""
+    `text_encoder_2.<module>.lora_{A,B}.weight` (SDXL), `unet.<module>.lora_{A,B}.weight`, `prefix.embeddings`
+    `[n, D]` and on SDXL `prefix_2.embeddings` `[n, D2]`."""
     out: dict[str, nn.Parameter] = {}
-    for part in ("text_encoder", "unet"):
-        for name, layer in _lora_layers(getattr(components, part)):
+    for part, model in _lora_models(components):
+        for name, layer in _lora_layers(model):
             out[f"{part}.{name}.lora_A.weight"] = layer.lora_A[ADAPTER].weight
             out[f"{part}.{name}.lora_B.weight"] = layer.lora_B[ADAPTER].weight
-    prefix = _prefix(components)
-    if prefix is not None:
-        out[PREFIX_KEY] = prefix.embeddings
+    for key, prefix in zip((PREFIX_KEY, PREFIX_KEY_2), _prefixes(components)):
+        if prefix is not None:
+            out[key] = prefix.embeddings
     return dict(sorted(out.items()))
 
 
@@ -244,15 +313,14 @@ def adapters_disabled(components) -> Iterator[None]:
     """Inside, `components` behave as the ORIGINAL model: every LoRA adapter off, prefix splicing off and
     `prompt_prefix` = ""; everything is restored on exit (nesting is fine)."""
     turned_off = []
-    for part in ("text_encoder", "unet"):
-        model = getattr(components, part)
+    for _, model in _lora_models(components):
         if _lora_enabled(model):
             model.disable_adapters()
             turned_off.append(model)
-    prefix = _prefix(components)
-    was_enabled = prefix.enabled if prefix is not None else None
+    prefixes = [p for p in _prefixes(components) if p is not None]
+    was_enabled = [p.enabled for p in prefixes]
     saved_prefix = components.prompt_prefix
-    if prefix is not None:
+    for prefix in prefixes:
         prefix.enabled = False
     components.prompt_prefix = ""
     try:
@@ -260,8 +328,8 @@ def adapters_disabled(components) -> Iterator[None]:
     finally:
         for model in turned_off:
             model.enable_adapters()
-        if prefix is not None:
-            prefix.enabled = was_enabled
+        for prefix, enabled in zip(prefixes, was_enabled):
+            prefix.enabled = enabled
         components.prompt_prefix = saved_prefix
 
 
@@ -340,43 +408,63 @@ class EMA:
 def save_lora(components, out_dir: str | Path, metadata: dict | None = None) -> Path:
     """Write the adapters of `components` in the interchange formats; returns the main file (or the folder).
 
-    LoRA: `out_dir/pytorch_lora_weights.safetensors` through `StableDiffusionPipeline.save_lora_weights`, with each
-    model's peft config as adapter metadata (so alpha round-trips). Prefix tokens: `learned_embeds-{i}.safetensors`,
-    one per token ({token: Tensor[D]}, diffusers' textual-inversion format). `metadata` (JSON-able: base model,
-    attributes, steps, ...) goes to `adapter_info.json` together with what was written.
+    LoRA: `out_dir/pytorch_lora_weights.safetensors` through `StableDiffusionPipeline.save_lora_weights` (SDXL:
+    `StableDiffusionXLPipeline.save_lora_weights`, with text_encoder_2's layers), with each model's peft config as
+    adapter metadata (so alpha and the adapted layers round-trip). Prefix tokens: `learned_embeds-{i}.safetensors`,
+    one per token ({token: Tensor[D]}, diffusers' textual-inversion format); SDXL: one `SDXL_TI_FILE` with both
+    encoders' rows. `metadata` (JSON-able: base model, attributes, steps, ...) goes to `adapter_info.json` together
+    with what was written; SDXL exports also record `"model_type": "SDXL"` there (absent: an SD 1.x export).
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
+    sdxl = model_kind(components) == "SDXL"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     info: dict = {"metadata": metadata or {}}
+    if sdxl:
+        info["model_type"] = "SDXL"
     main: Path | None = None
     layers, meta = {}, {}
-    for part in ("text_encoder", "unet"):
-        model = getattr(components, part)
+    for part, model in _lora_models(components):
         if _lora_layers(model):
             sd = get_peft_model_state_dict(model, adapter_name=ADAPTER)
+            cfg = model.peft_config[ADAPTER]
             layers[part] = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
-            meta[part] = model.peft_config[ADAPTER].to_dict()
-            info[part] = {"rank": model.peft_config[ADAPTER].r, "alpha": model.peft_config[ADAPTER].lora_alpha,
-                          "targets": sorted(model.peft_config[ADAPTER].target_modules), "tensors": len(sd)}
+            meta[part] = cfg.to_dict()
+            info[part] = {"rank": cfg.r, "alpha": cfg.lora_alpha, "targets": sorted(cfg.target_modules),
+                          "tensors": len(sd)}
+            if cfg.layers_to_transform is not None:
+                info[part]["layers"] = list(cfg.layers_to_transform)
     if layers:
-        StableDiffusionPipeline.save_lora_weights(
-            out, unet_lora_layers=layers.get("unet"), text_encoder_lora_layers=layers.get("text_encoder"),
-            unet_lora_adapter_metadata=meta.get("unet"), text_encoder_lora_adapter_metadata=meta.get("text_encoder"),
-        )
+        kw = dict(unet_lora_layers=layers.get("unet"), text_encoder_lora_layers=layers.get("text_encoder"),
+                  unet_lora_adapter_metadata=meta.get("unet"),
+                  text_encoder_lora_adapter_metadata=meta.get("text_encoder"))
+        if sdxl:
+            StableDiffusionXLPipeline.save_lora_weights(
+                out, **kw, text_encoder_2_lora_layers=layers.get("text_encoder_2"),
+                text_encoder_2_lora_adapter_metadata=meta.get("text_encoder_2"))
+        else:
+            StableDiffusionPipeline.save_lora_weights(out, **kw)
         main = out / LORA_FILE
-    prefix = _prefix(components)
-    if prefix is not None:
-        tokens = components.tokenizer.convert_ids_to_tokens(prefix.token_ids.tolist())
-        emb = prefix.embeddings.detach().to("cpu", torch.float32)
-        files = []
-        for i, (token, row) in enumerate(zip(tokens, emb), start=1):
-            f = out / TI_FILE.format(i=i)
-            save_file({token: row.clone().contiguous()}, str(f))
-            files.append(f.name)
+    prefixes = _prefixes(components)
+    if prefixes[0] is not None:
+        tokens = components.tokenizer.convert_ids_to_tokens(prefixes[0].token_ids.tolist())
+        rows = [p.embeddings.detach().to("cpu", torch.float32) for p in prefixes if p is not None]
+        if sdxl:
+            if len(rows) != 2:
+                raise ValueError("save_lora: SDXL prefix tokens need a row in both text encoders; text_encoder_2 has "
+                                 "none (use add_prefix_tokens)")
+            save_file({key: r.clone().contiguous() for key, r in zip(SDXL_TI_KEYS, rows)}, str(out / SDXL_TI_FILE),
+                      metadata={"tokens": json.dumps(tokens)})
+            files = [SDXL_TI_FILE]
+        else:
+            files = []
+            for i, (token, row) in enumerate(zip(tokens, rows[0]), start=1):
+                f = out / TI_FILE.format(i=i)
+                save_file({token: row.clone().contiguous()}, str(f))
+                files.append(f.name)
         info["prefix"] = {"tokens": tokens, "files": files, "prompt_prefix": "".join(tokens)}
         main = main or out
     if main is None:
@@ -390,18 +478,125 @@ def _ti_files(folder: Path) -> list[Path]:
     return sorted(files, key=lambda p: int(p.stem.split("-")[1]))
 
 
+def _export_info(folder: Path) -> dict:
+    """The `adapter_info.json` of an export folder ({} when there is none)."""
+    f = folder / INFO_FILE
+    if not f.is_file():
+        return {}
+    try:
+        info = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f}: not valid JSON ({e}); expected the adapter_info.json written by save_lora") from None
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{f}: expected a JSON object (as save_lora writes), got {type(info).__name__}")
+    return info
+
+
+def _check_export_fits(components, source: Path, export_sdxl: bool, info: dict) -> None:
+    """Refuse an SDXL export for SD 1.x components and the reverse, naming both models (shapes alone cannot tell: SD
+    1.5's text encoder has the shape of SDXL's first). `info`: the export's adapter_info.json (for its base model)."""
+    if export_sdxl == (model_kind(components) == "SDXL"):
+        return
+    kind = "SDXL" if export_sdxl else "SD 1.x"
+    base = (info.get("metadata") or {}).get("base_model") if isinstance(info.get("metadata"), dict) else None
+    made = f"the {kind} model '{base}'" if base else f"an {kind} model"
+    raise CheckpointError(f"{source}: this adapter was exported from {made} and cannot be loaded into "
+                          f"{_model_words(components)}")
+
+
+def check_released_target(components, source: str | Path) -> None:
+    """The authors' released files are SD 1.5 adapters: refuse SDXL components with one sentence naming both."""
+    if model_kind(components) == "SDXL":
+        raise CheckpointError(f"{source}: the authors' released checkpoints are SD 1.5 adapters and cannot be loaded "
+                              f"into {_model_words(components)}")
+
+
+_LORA_KEY = re.compile(r"(text_encoder_2|text_encoder|unet)\.(.+)\.lora_([AB])\.weight")
+
+
+def _check_lora_shapes(components, lora_file: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Each `part.<module>.lora_A|B.weight` key of a LoRA file names a Linear of that part of `components` with its
+    input (A) or output (B) size, so a file of another base model fails here with one sentence, not inside diffusers'
+    loader. Keys in other spellings are left to diffusers' converters (the loaded-tensor count still checks them)."""
+    for key, shape in sorted(shapes.items()):
+        m = _LORA_KEY.fullmatch(key)
+        if m is None:
+            continue
+        part, module, which = m.groups()
+        model = getattr(components, part, None)
+        if model is None:
+            raise CheckpointError(f"{lora_file}: key '{key}' is for a {part}, which {_model_words(components)} "
+                                  "does not have")
+        if part != "unet" and not hasattr(model, "text_model"):  # transformers' flattened CLIPTextModel, as diffusers
+            module = module.removeprefix("text_model.")
+        try:
+            layer = model.get_submodule(module)
+        except AttributeError:
+            layer = None
+        base = getattr(layer, "base_layer", layer)
+        if not isinstance(base, nn.Linear):
+            raise CheckpointError(f"{lora_file}: key '{key}' names no linear layer in the {part} of "
+                                  f"{_model_words(components)}; the file was made for another base model")
+        want = (shape[0], base.in_features) if which == "A" else (base.out_features, shape[-1])
+        if len(shape) != 2 or tuple(shape) != want:
+            raise CheckpointError(f"{lora_file}: key '{key}' has shape {list(shape)} but the {part} of "
+                                  f"{_model_words(components)} needs {list(want)}; the file was made for another "
+                                  "base model")
+
+
+def _load_sdxl_prefix(components, f: Path) -> list[str]:
+    """An `SDXL_TI_FILE` into SDXL components, through diffusers' `load_textual_inversion` once per encoder (clip_l
+    into text_encoder, clip_g into text_encoder_2, the same tokens in both tokenizers). Returns the tokens."""
+    from safetensors import safe_open
+
+    from common.models import diffusers_pipeline
+
+    with safe_open(str(f), "pt") as fh:
+        tokens_json = (fh.metadata() or {}).get("tokens")
+        sd = {k: fh.get_tensor(k) for k in fh.keys()}
+    try:
+        tokens = json.loads(tokens_json) if tokens_json is not None else None
+    except json.JSONDecodeError:
+        tokens = None
+    if not (isinstance(tokens, list) and tokens and all(isinstance(t, str) for t in tokens)):
+        raise CheckpointError(f"{f}: the file's metadata 'tokens' should be a JSON list of the token names (as save_lora "
+                              f"writes), got {tokens_json!r}")
+    encoders = _encoders(components)
+    for key, (_, _, te) in zip(SDXL_TI_KEYS, encoders):
+        want = (len(tokens), te.get_input_embeddings().weight.shape[1])
+        if tuple(sd[key].shape) != want:
+            raise CheckpointError(f"{f}: key '{key}' has shape {list(sd[key].shape)}, expected {list(want)} (one row "
+                                  f"per token of the metadata, as wide as the text encoder's embeddings)")
+    pipe = diffusers_pipeline(components)
+    for key, (_, tok, te) in zip(SDXL_TI_KEYS, encoders):
+        pipe.load_textual_inversion(sd[key], token=list(tokens), tokenizer=tok, text_encoder=te)
+    components.prompt_prefix = "".join(tokens)
+    return tokens
+
+
 def load_textual_inversion(components, path: str | Path) -> list[str]:
     """Load prefix-token embeddings written by `save_lora` (a folder of `learned_embeds-{i}.safetensors`, or one such
-    file) into `components` through diffusers' `load_textual_inversion` (adds the tokens, resizes the embedding
-    table); sets `components.prompt_prefix` to the tokens in file order. Returns the tokens."""
+    file; SDXL: the folder's `SDXL_TI_FILE` or that file) into `components` through diffusers' `load_textual_inversion`
+    (adds the tokens, resizes the embedding tables); sets `components.prompt_prefix` to the tokens in file order.
+    An SDXL file for SD 1.x components, or the reverse, is refused naming both models. Returns the tokens."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from common.models import diffusers_pipeline
 
     path = Path(path)
-    files = _ti_files(path) if path.is_dir() else [path]
+    if path.is_dir():
+        files = _ti_files(path) or ([path / SDXL_TI_FILE] if (path / SDXL_TI_FILE).is_file() else [])
+    else:
+        files = [path]
     if not files or not all(f.is_file() for f in files):
-        raise FileNotFoundError(f"{path}: no textual-inversion file (expected learned_embeds-1.safetensors, ...)")
+        raise FileNotFoundError(f"{path}: no textual-inversion file (expected learned_embeds-1.safetensors, ... or "
+                                f"{SDXL_TI_FILE})")
+    with safe_open(str(files[0]), "pt") as fh:
+        sdxl = set(fh.keys()) == set(SDXL_TI_KEYS)
+    _check_export_fits(components, files[0], sdxl, _export_info(path if path.is_dir() else path.parent))
+    if sdxl:
+        return _load_sdxl_prefix(components, files[0])
     tokens = []
     for f in files:
         sd = load_file(str(f))
@@ -429,8 +624,10 @@ def load_lora(components, path: str | Path) -> dict:
 
     `path`: a folder or file written by `save_lora` (diffusers LoRA and/or textual-inversion files), or the authors'
     released `.pth` files / their folder (then `load_released`). LoRA goes through diffusers' `load_lora_weights` on a
-    pipeline sharing the modules; every tensor of the file must land in the model (checked), and the loaded LoRA
-    tensors are cast to fp32, as in training.
+    pipeline sharing the modules (SDXL: `StableDiffusionXLPipeline`'s, text_encoder_2 included); every tensor of the
+    file must land in the model (checked), and the loaded LoRA tensors are cast to fp32, as in training. Before
+    anything is loaded: an SDXL export (adapter_info.json's `model_type`, or text_encoder_2 keys) for SD 1.x
+    components or the reverse is refused naming both models, and every key's module and shape are checked.
     """
     from safetensors import safe_open
 
@@ -442,25 +639,33 @@ def load_lora(components, path: str | Path) -> dict:
     released = [n for names in RELEASED_FILES.values() for n in names]
     if path.is_file():
         if path.suffix == ".pth":
+            check_released_target(components, path)
             return load_released([str(path)], components)
-        is_ti = re.fullmatch(r"learned_embeds-\d+", path.stem) is not None
+        is_ti = re.fullmatch(r"learned_embeds-\d+", path.stem) is not None or path.name == SDXL_TI_FILE
         lora_file, ti = (None, [path]) if is_ti else (path, [])
     else:
         lora_file = path / LORA_FILE if (path / LORA_FILE).is_file() else None
-        ti = _ti_files(path)
+        ti = _ti_files(path) or ([path / SDXL_TI_FILE] if (path / SDXL_TI_FILE).is_file() else [])
         if lora_file is None and not ti and any((path / n).is_file() for n in released):
+            check_released_target(components, path)
             return load_released([str(path)], components)
     if lora_file is None and not ti:
-        raise FileNotFoundError(f"{path}: no adapter found (expected {LORA_FILE}, learned_embeds-1.safetensors, ... "
-                                f"or the released {', '.join(released)})")
+        raise FileNotFoundError(f"{path}: no adapter found (expected {LORA_FILE}, learned_embeds-1.safetensors, ..., "
+                                f"{SDXL_TI_FILE} or the released {', '.join(released)})")
     summary: dict = {"path": str(path)}
     if lora_file is not None:
         with safe_open(str(lora_file), "pt") as f:
-            keys = list(f.keys())
-        counts = {part: sum(k.startswith(part + ".") for k in keys) for part in ("text_encoder", "unet")}
-        odd = [k for k in keys if not k.startswith(("text_encoder.", "unet."))]
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        odd = [k for k in shapes if not k.startswith(tuple(f"{part}." for part in LORA_PARTS))]
         if odd:
-            raise CheckpointError(f"{lora_file}: key '{odd[0]}' belongs to neither 'text_encoder.' nor 'unet.'")
+            raise CheckpointError(f"{lora_file}: key '{odd[0]}' belongs to none of 'text_encoder.', 'text_encoder_2.' "
+                                  "and 'unet.'")
+        info = _export_info(lora_file.parent)
+        sdxl = info.get("model_type") == "SDXL" or any(k.startswith("text_encoder_2.") for k in shapes)
+        if info or sdxl:  # a file without adapter_info.json (not ours) is judged by its keys and shapes alone
+            _check_export_fits(components, lora_file, sdxl, info)
+        _check_lora_shapes(components, lora_file, shapes)
+        counts = {part: sum(k.startswith(part + ".") for k in shapes) for part, _ in _lora_models(components)}
         before = {part: _adapter_pairs(getattr(components, part)) for part in counts}
         diffusers_pipeline(components).load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
         for part, n in counts.items():

@@ -52,11 +52,22 @@ class FinetuneConfig:
     rank: int = 50
     """LoRA rank; alpha = rank (scale 1), as the authors"""
     prefix_tokens: int = 0
-    """> 0 trains that many soft prefix tokens instead of LoRA (exp-2)"""
+    """> 0 trains that many soft prefix tokens instead of LoRA (exp-2); on SDXL each token gets a row in both encoders"""
+    text_encoders: list[int] = field(default_factory=lambda: [1, 2])
+    """which text encoders `text_encoder_lora` adapts, 1-based: SDXL's text_encoder (1) and/or text_encoder_2 (2); SD 1.x
+    has only 1 (a 2 is dropped there, [2] alone is an error). On SDXL encoder 1's last layer gets no LoRA (only its
+    penultimate hidden state is used, so that layer would get no gradient)"""
 
     def __post_init__(self):
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if not self.text_encoders or len(set(self.text_encoders)) != len(self.text_encoders) or not set(
+                self.text_encoders) <= {1, 2}:
+            raise ValueError(f"text_encoders = {self.text_encoders}: expected [1], [2] or [1, 2] (SDXL's text_encoder "
+                             "and/or text_encoder_2)")
+        if sorted(self.text_encoders) != [1, 2] and not self.text_encoder_lora:
+            raise ValueError(f"text_encoders = {self.text_encoders}: selects text encoders for LoRA but "
+                             "text_encoder_lora is false; set it to true or drop text_encoders")
         if self.prefix_tokens < 0:
             raise ValueError(f"prefix_tokens must be >= 0, got {self.prefix_tokens}")
         if self.prefix_tokens and (self.text_encoder_lora or self.unet_lora):

@@ -9,6 +9,8 @@ check of every shape against that base model.
 Writes `pytorch_lora_weights.safetensors` (LoRA; `StableDiffusionPipeline.load_lora_weights(DIR)`) and/or
 `learned_embeds-{i}.safetensors` (prefix tokens; `pipe.load_textual_inversion([...])`), `adapter_info.json` and a
 `README.md` model card (base model, attributes and targets, adapted modules, step, metrics when the run logged them).
+An SDXL run writes what `StableDiffusionXLPipeline.load_lora_weights(DIR)` reads (text_encoder_2 included) and its
+prefix tokens as `learned_embeds_sdxl.safetensors` (`clip_l` / `clip_g`, one `load_textual_inversion` per encoder).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from common.adapters import (
     INFO_FILE,
     LORA_FILE,
+    SDXL_TI_FILE,
     add_lora,
     add_prefix_tokens,
     check_released,
@@ -35,7 +38,7 @@ from common.adapters import (
 )
 from common.models import DTYPES
 
-PART_NAMES = {"text_encoder": "text encoder", "unet": "U-Net"}
+PART_NAMES = {"text_encoder": "text encoder", "text_encoder_2": "second text encoder (text_encoder_2)", "unet": "U-Net"}
 _CKPT = re.compile(r"checkpoint(_tmp)?-(\d+)")
 
 
@@ -90,11 +93,14 @@ def model_card(out_dir: str | Path, metadata: dict) -> Path:
         lines.append(f"- Shapes checked against: `{checked}`" if checked else
                      "- Shapes checked against: no base model (converted from the files alone; checked for internal "
                      "consistency)")
-    for part in ("text_encoder", "unet"):
+    for part in ("text_encoder", "text_encoder_2", "unet"):
         if part in info:
             p = info[part]
+            layers = p.get("layers") or []  # SDXL's text_encoder: all but the last layer, whose output SDXL ignores
+            span = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}-{layers[-1]}" if layers else ""
+            where = f" in {span} (SDXL does not use the last layer)" if span else ""
             lines.append(f"- LoRA on the {PART_NAMES[part]}: rank {p['rank']}, alpha {p['alpha']}, targets "
-                         f"{', '.join(p['targets'])} ({p['tensors']} tensors)")
+                         f"{', '.join(p['targets'])}{where} ({p['tensors']} tensors)")
     if "prefix" in info:
         lines.append(f"- Prefix soft tokens: {', '.join(info['prefix']['tokens'])} (put in front of every prompt, "
                      "no separator)")
@@ -107,11 +113,21 @@ def model_card(out_dir: str | Path, metadata: dict) -> Path:
     if metrics:
         lines += ["", "## Metrics (last logged row at or before this step)", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in metrics.items()]
-    lines += ["", "## Use", "", "```python", "from diffusers import StableDiffusionPipeline", "",
-              f'pipe = StableDiffusionPipeline.from_pretrained("{base}")']
+    sdxl_prefix = "prefix" in info and info.get("model_type") == "SDXL"
+    pipeline = "StableDiffusionXLPipeline" if info.get("model_type") == "SDXL" else "StableDiffusionPipeline"
+    lines += ["", "## Use", "", "```python", f"from diffusers import {pipeline}"]
+    lines += ["from safetensors.torch import load_file"] if sdxl_prefix else []
+    lines += ["", f'pipe = {pipeline}.from_pretrained("{base}")']
     if (out / LORA_FILE).is_file():
         lines.append('pipe.load_lora_weights("path/to/this/folder")')
-    if "prefix" in info:
+    if sdxl_prefix:  # one call per text encoder, the same tokens
+        lines += [f'emb = load_file("path/to/this/folder/{SDXL_TI_FILE}")', f"tokens = {info['prefix']['tokens']}",
+                  'pipe.load_textual_inversion(emb["clip_l"], token=tokens, text_encoder=pipe.text_encoder, '
+                  "tokenizer=pipe.tokenizer)",
+                  'pipe.load_textual_inversion(emb["clip_g"], token=tokens, text_encoder=pipe.text_encoder_2, '
+                  "tokenizer=pipe.tokenizer_2)",
+                  f'image = pipe("{info["prefix"]["prompt_prefix"]}A photo of the face of a doctor").images[0]']
+    elif "prefix" in info:
         files = ", ".join(f'"path/to/this/folder/{f}"' for f in info["prefix"]["files"])
         lines += [f"pipe.load_textual_inversion([{files}])",
                   f'image = pipe("{info["prefix"]["prompt_prefix"]}A photo of the face of a doctor").images[0]']
@@ -148,7 +164,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None
     if ft.prefix_tokens:
         add_prefix_tokens(comps, ft.prefix_tokens, cfg.train.seed)
     else:
-        add_lora(comps, ft.text_encoder_lora, ft.unet_lora, ft.rank)
+        add_lora(comps, ft.text_encoder_lora, ft.unet_lora, ft.rank, text_encoders=ft.text_encoders)
     load_trainable_state_dict(comps, load_file(str(weights)), source=str(weights))
     metadata = {
         "base_model": cfg.model.name, "source": f"{run_dir} ({ckpt.name})", "step": s,

@@ -267,8 +267,9 @@ def generate_to_dir(
 def load_adapters(components, lora: str | None = None, released: Sequence[str] | None = None,
                   prefix: str | None = None, ema: bool = True) -> dict | None:
     """Apply at most one kind of adapter (`common.adapters`): an exported folder/file (`load_lora`), the authors'
-    released .pth files (`load_released`), or prefix-token embeddings (`load_textual_inversion`). Returns a JSON-able
-    description for the manifest (None: the original model)."""
+    released .pth files (`load_released`), or prefix-token embeddings (`load_textual_inversion`). An adapter of the
+    other model family (an SDXL export for an SD 1.x model, SD 1.x or released files for SDXL) is refused with one
+    sentence naming both models. Returns a JSON-able description for the manifest (None: the original model)."""
     from common import adapters
 
     given = [k for k, v in (("--lora", lora), ("--released", released), ("--prefix", prefix)) if v]
@@ -277,6 +278,7 @@ def load_adapters(components, lora: str | None = None, released: Sequence[str] |
     if lora:
         return {"kind": "lora", "path": str(Path(lora).resolve()), **_jsonable(adapters.load_lora(components, lora))}
     if released:
+        adapters.check_released_target(components, released[0])
         summary = adapters.load_released(list(released), components, ema=ema)
         return {"kind": "released", "ema": ema, **_jsonable(summary)}
     if prefix:
@@ -301,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--lora", help="folder or file from `python -m common.export` (LoRA and/or prefix tokens)")
     src.add_argument("--released", nargs="+", metavar="PATH",
                      help="the authors' exported .pth files or their folder (text_encoder_lora_EMA.pth, ...)")
-    src.add_argument("--prefix", help="prefix-token embeddings (learned_embeds-*.safetensors file or folder)")
+    src.add_argument("--prefix", help="prefix-token embeddings (learned_embeds-*.safetensors file or folder; SDXL: "
+                     "learned_embeds_sdxl.safetensors)")
     src.add_argument("--no-ema", action="store_true", help="with --released folders: the non-EMA files")
     ap.add_argument("--prompts", required=True, action="append",
                     help="FILE[:SPLIT]: occupation.json:test, a key of the JSON, or a .txt with one prompt per line; "

@@ -184,7 +184,7 @@ class Trainer:
             ad.add_prefix_tokens(self.comps, ft.prefix_tokens, cfg.train.seed)
             self.conditioning = "reference_unmasked"  # the authors' prefix path encoded "" without a mask
         else:
-            ad.add_lora(self.comps, ft.text_encoder_lora, ft.unet_lora, ft.rank)
+            ad.add_lora(self.comps, ft.text_encoder_lora, ft.unet_lora, ft.rank, text_encoders=ft.text_encoders)
             self.conditioning = "reference"
         # finetuned and original model share the U-Net (and their prompts have one token length): one rollout for both
         self.unet_shared = not ft.unet_lora and not ft.prefix_tokens

@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 VERSION = "v2"
 SEED = 20261202
 SD15_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SDXL_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 CLIP_ID = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 DINO_ID = "facebook/dinov2-base"
 BANKS = ("3-face-features/CelebA_MobileNetLarge_08240859/face_feats.pkl",
@@ -49,9 +50,15 @@ def default_cache() -> Path:
     return base / "fair-diffusion" / f"dryrun-{VERSION}"
 
 
-def variants(exp: str) -> list[str]:
-    """The real variants of an experiment: its configs/debias-*.yaml (the toy world is not a real variant)."""
-    return sorted(p.stem.removeprefix("debias-") for p in (REPO / exp / "configs").glob("debias-*.yaml"))
+def variants(exp: str, sdxl: bool = False) -> list[str]:
+    """The real variants of an experiment: its configs/debias-*.yaml (the toy world is not a real variant); the SDXL
+    ones (debias-sdxl-*.yaml) only with `sdxl`: their stand-in is built and run on request (`--sdxl`)."""
+    names = sorted(p.stem.removeprefix("debias-") for p in (REPO / exp / "configs").glob("debias-*.yaml"))
+    return [v for v in names if sdxl or not is_sdxl(v)]
+
+
+def is_sdxl(variant: str) -> bool:
+    return variant.startswith("sdxl-")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -145,6 +152,69 @@ def _sd15(snap: Path) -> dict:
         "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"]}, indent=1))
     return counts
+
+
+def _sdxl(snap: Path) -> dict:
+    """stabilityai/stable-diffusion-xl-base-1.0 as its diffusers folder: CLIP ViT-L (text_encoder), OpenCLIP ViT-bigG
+    with projection (text_encoder_2), the 2.6 B U-Net (text_time micro-conditioning), the SDXL VAE; bf16 files."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from common.models import CLIP_TOKENS, clip_tokenizer, sdxl_tokenizer_2
+
+    counts = {}
+    parts = {
+        "text_encoder": lambda: _build(CLIPTextModel, "sdxl/text_encoder", CLIPTextConfig(
+            **CLIP_TOKENS, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            projection_dim=768, hidden_act="quick_gelu")),
+        "text_encoder_2": lambda: _build(CLIPTextModelWithProjection, "sdxl/text_encoder_2", CLIPTextConfig(
+            **CLIP_TOKENS, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+            projection_dim=1280, hidden_act="gelu")),
+        "unet": lambda: _build(UNet2DConditionModel, "sdxl/unet", sample_size=128, layers_per_block=2,
+                               down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                               up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                               block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
+                               attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+                               addition_embed_type="text_time", addition_time_embed_dim=256,
+                               projection_class_embeddings_input_dim=2816),
+        "vae": lambda: _build(AutoencoderKL, "sdxl/vae", in_channels=3, out_channels=3,
+                              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                              block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                              sample_size=1024, scaling_factor=0.13025, force_upcast=True),
+    }
+    for name, make in parts.items():
+        m = make()
+        counts[name] = sum(p.numel() for p in m.parameters())
+        m.to(torch.bfloat16).save_pretrained(snap / name)
+        del m
+    clip_tokenizer().save_pretrained(snap / "tokenizer")
+    sdxl_tokenizer_2().save_pretrained(snap / "tokenizer_2")
+    (snap / "scheduler").mkdir(exist_ok=True)
+    (snap / "scheduler" / "scheduler_config.json").write_text(json.dumps({
+        "_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+        "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "steps_offset": 1,
+        "timestep_spacing": "leading", "prediction_type": "epsilon"}, indent=1))
+    (snap / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.19.0", "force_zeros_for_empty_prompt": True,
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"]}, indent=1))
+    return counts
+
+
+def build_sdxl_standin(cache: Path) -> dict:
+    """The SDXL stand-in in the same hub cache, built on request (about 3.5 B more parameters); its counts."""
+    stamp = cache / "sdxl-manifest.json"
+    if stamp.is_file():
+        return json.loads(stamp.read_text())
+    t0 = time.time()
+    print("[dryrun] building the full-size SDXL stand-in (once)", flush=True)
+    counts = {f"sdxl/{k}": v for k, v in _sdxl(_hub_snapshot(cache / "hub", SDXL_ID)).items()}
+    out = {"params": counts, "build_seconds": round(time.time() - t0, 1)}
+    stamp.write_text(json.dumps(out, indent=1))
+    return out
 
 
 def _clip_h(snap: Path) -> dict:
@@ -396,6 +466,8 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=None,
                     help="configs run side by side, the cores split between them (default: 2 on the CPU, 1 on a GPU)")
     ap.add_argument("--fp32", action="store_true", help="CPU: keep the frozen weights in fp32 even where bf16 is native")
+    ap.add_argument("--sdxl", action="store_true", help="also the SDXL variants (debias-sdxl-*.yaml): builds the "
+                    "SDXL stand-in (6.8 GB) and runs those configs one at a time")
     a = ap.parse_args(argv)
     cache = a.cache or default_cache()
     if a.device == "cuda":
@@ -415,7 +487,7 @@ def main(argv=None) -> int:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache / "hub"),
            "FAIR_DIFFUSION_DATA": str(cache / "data"), "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false",
            "PYTHON": sys.executable}
-    todo = [(e, v) for e in EXPERIMENTS for v in variants(e)]
+    todo = [(e, v) for e in EXPERIMENTS for v in variants(e, sdxl=True)]
     if a.only:
         def hit(e, v, w):
             return e == w[0] and (len(w) == 1 or v == w[1])
@@ -427,6 +499,12 @@ def main(argv=None) -> int:
                   f"{', '.join(f'{e}:{v}' for e, v in todo)}", file=sys.stderr)
             return 2
         todo = [(e, v) for e, v in todo if any(hit(e, v, w) for w in want)]
+    else:
+        todo = [(e, v) for e, v in todo if a.sdxl or not is_sdxl(v)]
+    sdxl_todo = [(e, v) for e, v in todo if is_sdxl(v)]
+    todo = [(e, v) for e, v in todo if not is_sdxl(v)]
+    if sdxl_todo:
+        manifest = {**manifest, "sdxl": build_sdxl_standin(cache)}
     a.jobs = a.jobs if a.jobs is not None else (2 if a.device == "cpu" else 1)
     if a.jobs < 1:
         print(f"error: --jobs {a.jobs}: expected a whole number >= 1", file=sys.stderr)
@@ -434,13 +512,15 @@ def main(argv=None) -> int:
     from common.models import cpu_supports_bf16
 
     bf16 = a.device == "cpu" and not a.fp32 and cpu_supports_bf16()
-    a.jobs = min(a.jobs, len(todo))
+    a.jobs = max(1, min(a.jobs, len(todo)))
     if a.jobs > 1:  # split the cores: N processes with all threads each would only spin-wait on each other
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // a.jobs))
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(a.jobs) as pool:  # the runs are subprocesses: threads only wait on them
         rows = list(pool.map(lambda ev: run_config(*ev, a.device, work, env, bf16), todo))
+    alone = {k: v for k, v in env.items() if k != "OMP_NUM_THREADS"}  # SDXL: one config at a time, every core
+    rows += [run_config(e, v, a.device, work, alone, bf16) for e, v in sdxl_todo]
     if not a.no_reproduce:
         first = next((r for r in rows if r["pass"] and r["variant"] == "text-encoder"), None)
         if first is not None:

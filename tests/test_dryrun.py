@@ -16,11 +16,13 @@ from scripts import dryrun  # noqa: E402
 
 
 def test_every_experiment_and_every_real_variant_is_listed():
-    todo = {(e, v) for e in dryrun.EXPERIMENTS for v in dryrun.variants(e)}
+    """Every debias-*.yaml is a dry-run row: the SD 1.5 ones by default, the SDXL ones with --sdxl."""
+    todo = {(e, v) for e in dryrun.EXPERIMENTS for v in dryrun.variants(e, sdxl=True)}
     configs = {(p.parent.parent.name, p.stem.removeprefix("debias-")) for p in ROOT.glob("exp-*/configs/debias-*.yaml")}
     assert todo == configs and len(dryrun.EXPERIMENTS) == 6
-    kinds = {v for _, v in todo}
-    assert kinds == {"text-encoder", "unet", "text-encoder-and-unet", "token"}
+    default = {(e, v) for e in dryrun.EXPERIMENTS for v in dryrun.variants(e)}
+    assert {v for _, v in default} == {"text-encoder", "unet", "text-encoder-and-unet", "token"}
+    assert {v for _, v in todo - default} == {"sdxl-text-encoder", "sdxl-unet"}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

@@ -353,3 +353,50 @@ def test_trainer_and_generate_run_sdxl_at_a_non_native_size(tmp_path, repo_root)
     from PIL import Image
 
     assert Image.open(out / "prompt_0" / "img_0.png").size == (32, 32)
+
+
+SDXL_CONFIGS = [(e, v) for e in ("exp-1-debias-gender", "exp-3-debias-gender-race")
+                for v in ("sdxl-text-encoder", "sdxl-unet")]
+
+
+@pytest.mark.parametrize("exp,variant", SDXL_CONFIGS)
+def test_sdxl_configs_train_two_steps_and_resume_on_tiny_sdxl(exp, variant, tmp_path, repo_root):
+    """Each SDXL config (its LoRA placement, checkpointed fast DFT, decode chunk) on tiny SDXL at 32 px: 2 steps, then
+    a resume to 3 continues from the checkpoint with the same trainable keys."""
+    import json
+
+    from train_helpers import tiny_overrides
+
+    from common.config import load_config
+    from common.train import Trainer
+
+    cfg_file = repo_root / exp / "configs" / f"debias-{variant}.yaml"
+    over = tiny_overrides(tmp_path / "run", "model.name=tiny-sdxl", "sampling.image_size=32", "finetune.rank=2",
+                          "loss.confidence_threshold=0.0", "train.images_per_prompt=2", "train.micro_batch=1",
+                          "train.checkpoint_every=0", "train.permanent_every=1")
+    cfg = load_config(cfg_file, over)
+    assert cfg.sampling.unet_checkpointing and cfg.sampling.image_size == 32
+    first = Trainer(cfg)
+    first.fit()
+    keys = set(first.params)
+    assert any(k.startswith("text_encoder_2") for k in keys) == (variant == "sdxl-text-encoder")
+    resumed = Trainer(load_config(cfg_file, [*over, "train.max_steps=3"]), resume="latest")
+    assert resumed.step_count == 2 and set(resumed.params) == keys
+    resumed.fit()
+    state = json.loads((tmp_path / "run" / "ckpts" / "checkpoint-3" / "state.json").read_text())
+    assert state["step"] == 3
+
+
+def test_train_script_accepts_the_sdxl_variant_names(tmp_path, repo_root):
+    import os
+    import subprocess
+
+    from train_helpers import tiny_overrides
+
+    sets = [a for o in tiny_overrides(tmp_path / "run", "model.name=tiny-sdxl", "sampling.image_size=32",
+                                      "train.max_steps=1", "train.images_per_prompt=1", "train.micro_batch=1")
+            for a in ("--set", o)]
+    r = subprocess.run(["bash", str(repo_root / "exp-1-debias-gender" / "train.sh"), "sdxl-unet", *sets],
+                       env=dict(os.environ, PYTHONPATH=str(repo_root)), capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "run" / "ckpts" / "checkpoint-1" / "state.json").is_file()
