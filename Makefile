@@ -4,7 +4,7 @@ STAMP   := .venv/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast lint bench dryrun toy clean
+.PHONY: setup demo test test-fast research-test lint bench dryrun toy clean
 DEVICE  ?= cpu
 
 setup: $(STAMP)
@@ -27,8 +27,12 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
 
+# the research tools' tests (research/: toy-world measurements, not part of the product; `make test` leaves them out)
+research-test: setup
+	$(PY) -m pytest -q research/tests
+
 lint: setup
-	$(PY) -m ruff check common tests scripts
+	$(PY) -m ruff check common tests scripts research
 
 bench: setup
 	$(PY) -m scripts.bench --out outputs/bench/summary.json

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib
 import json
 import math
 import time
@@ -33,6 +32,7 @@ from torch import nn
 
 from common.attributes import PRESETS
 from common.config import ConfigError, data_path, data_root
+from common.registry import registry
 from common.runtime import device_chunks
 
 GENDER = PRESETS["gender"].classes
@@ -224,17 +224,18 @@ def _load_layout(layout: str, path, input_size: int = 224) -> AttributeClassifie
 # ----------------------------------------------------------------------------------------------------------------
 
 
-_CLASSIFIERS: dict[str, Callable[..., AttributeClassifier] | str] = {}
+CLASSIFIERS = registry("classifier")
+"""`factory(path=None, **kw) -> AttributeClassifier` by name (`load_classifier` moves it to the device and dtype)"""
 
 
-def register_classifier(name: str, factory: Callable[..., AttributeClassifier] | str) -> None:
-    """Register `factory(path=None, **kw) -> AttributeClassifier` (or a "module:attr" string imported on first use,
-    called with device= and dtype=, and path= when given)."""
-    _CLASSIFIERS[name] = factory
+def register_classifier(name: str, factory: Callable[..., AttributeClassifier] | str, synthetic: bool = False) -> None:
+    """Register `factory(path=None, **kw) -> AttributeClassifier` (or a "module:attr" string imported on first use);
+    `synthetic`: built in the process, CPU-sized (random weights, synthetic worlds)."""
+    CLASSIFIERS.register(name, factory, synthetic=synthetic)
 
 
 def list_classifiers() -> list[str]:
-    return sorted(_CLASSIFIERS)
+    return CLASSIFIERS.names()
 
 
 def load_classifier(name: str, path=None, device="cpu", dtype=torch.float32, data_dir=None, **kw) -> AttributeClassifier:
@@ -253,9 +254,8 @@ def load_classifier(name: str, path=None, device="cpu", dtype=torch.float32, dat
     for key in ("label_map", "clip_prompts"):  # config defaults are empty; a given one must not be ignored
         if kw.pop(key, None):
             raise ConfigError(f"{key} applies to hf: / clip: classifiers, not to '{name}'")
-    if name not in _CLASSIFIERS:
-        raise KeyError(f"unknown classifier '{name}'; registered: {list_classifiers()}, or hf:HUB_ID_OR_FOLDER / "
-                       "clip:HUB_ID_OR_FOLDER")
+    if name not in CLASSIFIERS:
+        raise CLASSIFIERS.unknown(name, ", or hf:HUB_ID_OR_FOLDER / clip:HUB_ID_OR_FOLDER")
     if isinstance(path, Mapping):
         path = {a: data_path(p, data_dir) for a, p in path.items()}
     elif path is not None:
@@ -264,13 +264,7 @@ def load_classifier(name: str, path=None, device="cpu", dtype=torch.float32, dat
         path = default_path(name, data_dir)
     elif name == "eval":
         path = {a: default_path(lay, data_dir) for a, lay in EVAL_PARTS.items()}
-    factory = _CLASSIFIERS[name]
-    if isinstance(factory, str):
-        module, _, attr = factory.partition(":")
-        fn = getattr(importlib.import_module(module), attr)
-        model = fn(device=device, dtype=dtype, **({"path": path} if path is not None else {}), **kw)
-    else:
-        model = factory(path=path, **kw)
+    model = CLASSIFIERS.create(name, path=path, **kw)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
@@ -312,8 +306,7 @@ def _random_fairface8(path=None, input_size: int = 224, seed: int = 0) -> Attrib
 for _name in LAYOUTS:
     register_classifier(_name, _layout_factory(_name))
 register_classifier("eval", _eval_factory)
-register_classifier("random-fairface8", _random_fairface8)
-register_classifier("toy", "common.toy.judges:load_classifier")
+register_classifier("random-fairface8", _random_fairface8, synthetic=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -748,7 +748,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--judge2", help="a second classifier (any registry name) run on the same face crops: the report "
                                      "gives each judge's bias per attribute, their agreement share and Cohen's kappa")
     ap.add_argument("--judge2-path", help="weights of the second judge (default: its own)")
-    ap.add_argument("--detector", default="mtcnn", help="face detector: mtcnn | whole-image | toy")
+    ap.add_argument("--detector", default="mtcnn", help="face detector: mtcnn | whole-image | a plug-in's")
     ap.add_argument("--prompts", help="FILE[:SPLIT] prompt texts when the folder has no manifest.json")
     ap.add_argument("--clip-model", help="CLIP (both towers) for CLIP-T, e.g. " + "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
                     + " or a local folder; omitted: CLIP-T is not computed")
@@ -767,8 +767,13 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-SYNTHETIC_JUDGES = {"toy", "random-fairface8", "tiny-clip", "tiny-dino"}
-"""judges built in the process (the toy world's, random ones for tests): CPU-sized, so they need no --cpu"""
+def synthetic_judges() -> set[str]:
+    """Judges built in the process (random ones for tests, the plug-ins' synthetic worlds'): CPU-sized, so they need
+    no --cpu. They are the classifiers and image encoders registered `synthetic`."""
+    from common.classifiers import CLASSIFIERS
+    from common.features import IMAGE_ENCODERS
+
+    return CLASSIFIERS.synthetic() | IMAGE_ENCODERS.synthetic()
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -777,7 +782,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     judges = {args.classifier, *(args.image_encoders if args.reference else ())} | ({args.judge2} if args.judge2 else set())
     names = "judges " + ", ".join(sorted(judges))
-    args.device = require_device(names, args.cpu or judges <= SYNTHETIC_JUDGES, "pass --cpu (or --device cpu)",
+    args.device = require_device(names, args.cpu or judges <= synthetic_judges(), "pass --cpu (or --device cpu)",
                                  args.device)
     enable_tf32()
     prompts = None

@@ -14,7 +14,6 @@ detects once on the no-grad images and re-crops the identical with-grad images w
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Protocol, runtime_checkable
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.registry import registry
 from common.runtime import device_chunks
 
 # ArcFace 112x112 template (pixel centres at integer coordinates, as cv2 / skimage): left eye, right eye, nose,
@@ -89,31 +89,19 @@ class FaceDetector(Protocol):
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
-_DETECTORS: dict[str, Callable[..., FaceDetector] | str] = {}
+DETECTORS = registry("face detector")
+"""`factory(**options) -> FaceDetector` by name: mtcnn, whole-image, and the plug-ins' (the toy world's)"""
 
 
-def register_detector(name: str, factory: Callable[..., FaceDetector] | str) -> None:
+def register_detector(name: str, factory: Callable[..., FaceDetector] | str, synthetic: bool = False) -> None:
     """Register a detector factory under `name` (a callable taking keyword options, or a "module:attr" string
     imported on first use)."""
-    _DETECTORS[name] = factory
-
-
-def _resolve(target: str):
-    module, _, attr = target.partition(":")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ImportError(f"'{target}' could not be imported ({e}); it provides a registered detector/model.") from e
+    DETECTORS.register(name, factory, synthetic=synthetic)
 
 
 def get_detector(name: str, **kw) -> FaceDetector:
-    """A new detector instance by registry name ("mtcnn", "whole-image", "toy", or one you registered)."""
-    if name not in _DETECTORS:
-        raise KeyError(f"unknown face detector '{name}'; registered: {sorted(_DETECTORS)}")
-    factory = _DETECTORS[name]
-    if isinstance(factory, str):
-        factory = _resolve(factory)
-    return factory(**kw)
+    """A new detector instance by registry name ("mtcnn", "whole-image", or one registered by you or a plug-in)."""
+    return DETECTORS.create(name, **kw)
 
 
 _DEFAULT_INSTANCES: dict[str, FaceDetector] = {}
@@ -223,7 +211,6 @@ class WholeImageDetector:
 
 register_detector("mtcnn", MTCNNDetector)
 register_detector("whole-image", WholeImageDetector)
-register_detector("toy", "common.toy.judges:ToyDetector")
 
 
 # ----------------------------------------------------------------------------------------------------------------

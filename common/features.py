@@ -15,7 +15,6 @@ image. Hub weights go through `from_pretrained` (a hub id or a local folder); of
 from __future__ import annotations
 
 import argparse
-import importlib
 import io
 import math
 import os
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.config import data_path, data_root
+from common.registry import registry
 
 CLIP_ID = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 DINO_ID = "facebook/dinov2-base"
@@ -349,44 +349,40 @@ def _facenet_random(path=None, seed: int = 0) -> FaceEncoder:
 # Registries and loaders
 # ----------------------------------------------------------------------------------------------------------------
 
-_IMAGE_ENCODERS = {
-    "clip": _clip, "dino": _dino, "tiny-clip": _tiny_clip, "tiny-dino": _tiny_dino,
-    "toy": "common.toy.judges:load_image_encoder",
-}
-_FACE_ENCODERS = {
-    "facenet": _facenet, "facenet-random": _facenet_random, "sfnet20": _sfnet20,
-    "toy": "common.toy.judges:load_face_encoder",
-}
+IMAGE_ENCODERS = registry("image encoder")
+"""`factory(path=None, **kw) -> module` by name; random test ones and the plug-ins' are `synthetic`"""
+IMAGE_ENCODERS.register("clip", _clip)
+IMAGE_ENCODERS.register("dino", _dino)
+IMAGE_ENCODERS.register("tiny-clip", _tiny_clip, synthetic=True)
+IMAGE_ENCODERS.register("tiny-dino", _tiny_dino, synthetic=True)
+FACE_ENCODERS = registry("face encoder")
+"""`factory(path=None, **kw) -> module` by name"""
+FACE_ENCODERS.register("facenet", _facenet)
+FACE_ENCODERS.register("facenet-random", _facenet_random, synthetic=True)
+FACE_ENCODERS.register("sfnet20", _sfnet20)
 
 
-def register_image_encoder(name: str, factory) -> None:
+def register_image_encoder(name: str, factory, synthetic: bool = False) -> None:
     """`factory(path=None, **kw) -> module`, or a "module:attr" string imported on first use."""
-    _IMAGE_ENCODERS[name] = factory
+    IMAGE_ENCODERS.register(name, factory, synthetic=synthetic)
 
 
-def register_face_encoder(name: str, factory) -> None:
+def register_face_encoder(name: str, factory, synthetic: bool = False) -> None:
     """`factory(path=None, **kw) -> module`, or a "module:attr" string imported on first use."""
-    _FACE_ENCODERS[name] = factory
+    FACE_ENCODERS.register(name, factory, synthetic=synthetic)
 
 
-def _load(registry: dict, kind: str, name: str, path, device, dtype, kw) -> nn.Module:
-    if name not in registry:
-        raise KeyError(f"unknown {kind} '{name}'; registered: {sorted(registry)}")
-    factory = registry[name]
-    if isinstance(factory, str):
-        module, _, attr = factory.partition(":")
-        fn = getattr(importlib.import_module(module), attr)
-        enc = fn(device=device, dtype=dtype, **({"path": path} if path is not None else {}), **kw)
-    else:
-        enc = factory(path=path, **kw)
+def _load(encoders, name: str, path, device, dtype, kw) -> nn.Module:
+    enc = encoders.create(name, path=path, **kw)
     return enc.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def load_image_encoder(name: str, path=None, device="cpu", dtype=torch.float32, **kw) -> nn.Module:
     """Frozen whole-image encoder: (images [N, 3, H, W] in [-1, 1]) -> [N, D] L2-normalised fp32, differentiable.
-    Names: clip, dino (`path` = another hub id or a local folder), tiny-clip, tiny-dino (random small, tests), toy.
+    Names: clip, dino (`path` = another hub id or a local folder), tiny-clip, tiny-dino (random small, tests), and the
+    plug-ins' (the toy world's).
     `antialias=True` (kw) antialiases the resize to 224."""
-    enc = _load(_IMAGE_ENCODERS, "image encoder", name, path, device, dtype, kw)
+    enc = _load(IMAGE_ENCODERS, name, path, device, dtype, kw)
     if isinstance(enc, ImageEncoder):  # the normalisation constants stay fp32
         enc.mean, enc.std = enc.mean.float(), enc.std.float()
     return enc
@@ -394,13 +390,13 @@ def load_image_encoder(name: str, path=None, device="cpu", dtype=torch.float32, 
 
 def load_face_encoder(name: str, path=None, device="cpu", dtype=torch.float32, data_dir=None, **kw) -> nn.Module:
     """Frozen face-identity encoder: (aligned [N, 3, 112, 112] in [-1, 1]) -> [N, 512] normalize(f(x) + f(flip x)).
-    Names: facenet (VGGFace2), facenet-random (tests), sfnet20 (data.zip OpenSphere backbone), toy. A relative `path`
-    and sfnet20's data.zip default resolve against `data_root(data_dir)`."""
+    Names: facenet (VGGFace2), facenet-random (tests), sfnet20 (data.zip OpenSphere backbone). A relative `path` and
+    sfnet20's data.zip default resolve against `data_root(data_dir)`."""
     if path is not None:
         path = data_path(path, data_dir)
     elif name == "sfnet20":
         path = data_root(data_dir) / SFNET20_FILE
-    return _load(_FACE_ENCODERS, "face encoder", name, path, device, dtype, kw)
+    return _load(FACE_ENCODERS, name, path, device, dtype, kw)
 
 
 # ----------------------------------------------------------------------------------------------------------------

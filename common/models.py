@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from common.config import SD15  # noqa: F401 - re-exported: the default base model
+from common.registry import registry
 
 # SD 1.x noise schedule (docs/method.md#reference-numbers); SDXL base was trained with the same betas.
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -208,6 +209,20 @@ def clip_tokenizer():
 # ----------------------------------------------------------------------------------------------------------------
 
 
+TINY_UNET = dict(
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=8,
+    norm_num_groups=16,
+)
+"""the tiny SD-shaped U-Net (32, 64) with cross-attention in its outer block, less `sample_size` and
+`cross_attention_dim` (the latent side and the text width of whoever builds one)"""
+
+
 def tiny_components(seed: int = 0, image_size: int = 64, text_dim: int = 32, dtype=torch.float32, device="cpu"):
     """SD-architecture components with random weights, small enough for CPU tests.
 
@@ -223,18 +238,7 @@ def tiny_components(seed: int = 0, image_size: int = 64, text_dim: int = 32, dty
         CLIPTextConfig(**CLIP_TOKENS, hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=2,
                        num_attention_heads=4, projection_dim=text_dim)
     )
-    unet = UNet2DConditionModel(
-        sample_size=image_size // 8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=text_dim,
-        attention_head_dim=8,
-        norm_num_groups=16,
-    )
+    unet = UNet2DConditionModel(**TINY_UNET, sample_size=image_size // 8, cross_attention_dim=text_dim)
     vae = _tiny_vae(image_size, scaling_factor=0.18215)
     comps = Components(clip_tokenizer(), te.eval(), unet.eval(), vae.eval(), make_scheduler(), name="tiny")
     for m in (comps.text_encoder, comps.unet, comps.vae):
@@ -289,23 +293,18 @@ def tiny_sdxl_components(seed: int = 0, image_size: int = 64, dtype=torch.float3
 
     te = CLIPTextModel(text_config(dims[0]))
     te2 = CLIPTextModelWithProjection(text_config(dims[1]))
-    unet = UNet2DConditionModel(
-        sample_size=image_size // 8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
+    sdxl_layout = dict(  # the tiny U-Net's widths with SDXL's block layout and added conditioning
+        TINY_UNET,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 2),
         use_linear_projection=True,
-        cross_attention_dim=sum(dims),
         attention_head_dim=(4, 8),
-        norm_num_groups=16,
         addition_embed_type="text_time",
         addition_time_embed_dim=time_dim,
         projection_class_embeddings_input_dim=6 * time_dim + proj,
     )
+    unet = UNet2DConditionModel(**sdxl_layout, sample_size=image_size // 8, cross_attention_dim=sum(dims))
     vae = _tiny_vae(image_size, scaling_factor=0.13025)
     comps = Components(clip_tokenizer(), te.eval(), unet.eval(), vae.eval(), make_scheduler(), name="tiny-sdxl",
                        tokenizer_2=sdxl_tokenizer_2(), text_encoder_2=te2.eval())
@@ -320,10 +319,28 @@ def tiny_sdxl_components(seed: int = 0, image_size: int = 64, dtype=torch.float3
 # ----------------------------------------------------------------------------------------------------------------
 
 
+MODEL_SOURCES = registry("model source")
+"""model names built by a factory rather than loaded from a hub id or folder: `factory(device=..., [seed=N]) ->
+Components`; `tiny` and `tiny-sdxl` here, plug-ins add theirs (the toy world)"""
+MODEL_SOURCES.register("tiny", tiny_components, synthetic=True)
+MODEL_SOURCES.register("tiny-sdxl", tiny_sdxl_components, synthetic=True)
+
+
+def model_source(model: str) -> tuple[str, dict] | None:
+    """(registered source, its options) for a model name `NAME` or `NAME:SEED` (a source whose factory takes `seed`);
+    None for anything else (a hub id or a local folder)."""
+    if model in MODEL_SOURCES:
+        return model, {}
+    name, _, seed = model.partition(":")
+    if seed.isdigit() and name in MODEL_SOURCES and MODEL_SOURCES.accepts(name, "seed"):
+        return name, {"seed": int(seed)}
+    return None
+
+
 def load_components(model: str = SD15, dtype=torch.float32, device="cpu", text_encoder_dtype=None) -> Components:
-    """Tokenizer(s), text encoder(s), U-Net, VAE and the project's scheduler from a hub id, a local folder, `toy` (the
-    shipped toy world), `tiny` (random SD-shaped weights) or `tiny-sdxl` (random SDXL-shaped weights); `tiny:SEED` /
-    `tiny-sdxl:SEED` pick the seed. Base weights are frozen.
+    """Tokenizer(s), text encoder(s), U-Net, VAE and the project's scheduler from a hub id, a local folder or a
+    registered source (`MODEL_SOURCES`: `tiny`, random SD-shaped weights, `tiny-sdxl`, random SDXL-shaped weights,
+    and the plug-ins' worlds); `tiny:SEED` / `tiny-sdxl:SEED` pick the seed. Base weights are frozen.
 
     SD 1.x or SDXL is read from the model itself: its U-Net config's `addition_embed_type == "text_time"` (SDXL's
     extra pooled-text and time-id inputs) makes it SDXL, which also needs tokenizer_2/ and text_encoder_2/.
@@ -332,16 +349,9 @@ def load_components(model: str = SD15, dtype=torch.float32, device="cpu", text_e
     from common.runtime import quiet_libraries
 
     quiet_libraries()
-    if model == "toy":
-        from common.toy.models import load_toy_components
-
-        comps = load_toy_components(device=device)
-    elif model == "tiny" or model.startswith("tiny:"):
-        seed = int(model.split(":", 1)[1]) if ":" in model else 0
-        comps = tiny_components(seed=seed)
-    elif model == "tiny-sdxl" or model.startswith("tiny-sdxl:"):
-        seed = int(model.split(":", 1)[1]) if ":" in model else 0
-        comps = tiny_sdxl_components(seed=seed)
+    source = model_source(model)
+    if source is not None:
+        comps = MODEL_SOURCES.create(source[0], device=device, **source[1])
     else:
         comps = _load_diffusers(model, dtype, text_encoder_dtype or dtype)
     for te in comps.text_encoders:

@@ -4,14 +4,20 @@ FILE is a JSON in the authors' layout (data.zip `1-prompts/`), looked up in the 
 `common.config.data_root`): its `1-prompts/` first (so an unpacked data.zip wins), then the project's own `prompts/`,
 then the data folder itself; an absolute path is taken as is, and a command line's path relative to the working
 directory is too (`cwd=True`), never a config's. A `.txt` file holds one
-prompt per line. SPLIT is `train`, `val` or `test`, or any key of the file holding a list of prompts. `toy:SPLIT` names
-the toy world's prompts (`train`, `heldout`).
+prompt per line. SPLIT is `train`, `val` or `test`, or any key of the file holding a list of prompts. A FILE that is a
+registered prompt source (`PROMPT_SOURCES`, filled by plug-ins: the toy world's `train` / `heldout`) is not a file:
+its factory gives the split's prompts.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from common.registry import registry
+
+PROMPT_SOURCES = registry("prompt source")
+"""prompt-set names that are not files: `factory(split=...) -> list[str]`, KeyError for an unknown split"""
 
 SPLITS = {
     # split -> (templates key, occupations key) for occupation.json; otherwise a `{split}_prompts` key
@@ -68,14 +74,11 @@ def load_prompts(spec: str, data_dir: str | Path | None = None, cwd: bool = Fals
             raise ValueError(f"prompt spec '{spec}*{rep}': the repetition must be a positive integer")
         repeat = int(rep)
     name, _, split = spec.rpartition(":") if ":" in spec else (spec, "", "")
-    if name == "toy":
-        from common.toy.world import ToyWorld
-
-        world = ToyWorld()
-        splits = {"train": world.train_occupations, "heldout": world.heldout_occupations}
-        if split not in splits:
-            raise KeyError(f"prompt spec '{spec}': the toy world's splits are {sorted(splits)}")
-        prompts = [world.prompt(o) for o in splits[split]]
+    if name in PROMPT_SOURCES:
+        try:
+            prompts = PROMPT_SOURCES.create(name, split=split)
+        except KeyError as e:  # the source's sentence about its splits, prefixed with the spec
+            raise KeyError(f"prompt spec '{spec}': {e.args[0] if e.args else e}") from None
     else:
         path = resolve_file(name, data_dir, cwd)
         if path.suffix == ".txt":

@@ -1,6 +1,6 @@
 """What every command-line tool shares: the device rule, TF32, quiet library notices and one-sentence errors.
 
-- `require_device(model, allow_cpu, what)`: a real (non-toy, non-tiny) model with no usable CUDA stops before
+- `require_device(model, allow_cpu, what)`: a real (not synthetic: `is_synthetic`) model with no usable CUDA stops before
   anything is loaded, naming what was found and how to allow the CPU.
 - `enable_tf32()`: TF32 matmuls and convolutions on Ampere+ GPUs (fp32 weights and fp32 LoRA maths get tensor cores).
 - `quiet_libraries()`: drops diffusers' vacuous "should be kept in float32: []" notice printed on every `.to(dtype)`.
@@ -14,9 +14,6 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-SYNTHETIC_MODELS = ("toy", "tiny", "tiny-sdxl")
-"""model names that are built in the process (the toy world, random tiny SD shapes): CPU-sized by design"""
-
 
 class DeviceError(RuntimeError):
     """A real model would run on the CPU without the user asking for it."""
@@ -26,9 +23,20 @@ class UsageError(ValueError):
     """A command-line combination that cannot work (the message says what to pass instead)."""
 
 
+def synthetic_models() -> set[str]:
+    """Model names that are built in the process (random tiny SD shapes, the plug-ins' synthetic worlds): CPU-sized by
+    design. They are the model sources registered `synthetic` (`common.models.MODEL_SOURCES`)."""
+    from common.models import MODEL_SOURCES
+
+    return MODEL_SOURCES.synthetic()
+
+
 def is_synthetic(model: str) -> bool:
-    """True for the toy world and the tiny random models (`tiny`, `tiny-sdxl`, with or without `:SEED`)."""
-    return model in SYNTHETIC_MODELS or model.startswith(("tiny:", "tiny-sdxl:"))
+    """True for a synthetic model source, with or without `:SEED` (`tiny`, `tiny-sdxl:3`, the toy world)."""
+    from common.models import model_source
+
+    source = model_source(model)
+    return source is not None and source[0] in synthetic_models()
 
 
 def cuda_report() -> str:

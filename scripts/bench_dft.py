@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from common.models import tiny_components
+from common.models import TINY_UNET, tiny_components
 from common.sampling import dft_backward, sample
 
 IMAGES, STEPS, SIZE, CHUNK, REPEATS = 8, 20, 64, 8, 2
@@ -39,16 +39,10 @@ def build(seed: int = 0):
 
     comps = tiny_components(seed=seed, image_size=SIZE, text_dim=64)
     torch.manual_seed(seed)
-    comps.unet = UNet2DConditionModel(
-        sample_size=SIZE // 8,
-        block_out_channels=(64, 128),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=64,
-        attention_head_dim=8,
-        norm_num_groups=16,
-    ).eval().requires_grad_(False)
+    # the tiny U-Net twice as wide, with cross-attention in both blocks
+    wide = dict(TINY_UNET, block_out_channels=(64, 128), down_block_types=("CrossAttnDownBlock2D",) * 2,
+                up_block_types=("CrossAttnUpBlock2D",) * 2)
+    comps.unet = UNet2DConditionModel(**wide, sample_size=SIZE // 8, cross_attention_dim=64).eval().requires_grad_(False)
     comps.text_encoder.add_adapter(
         LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian",
                    target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])

@@ -169,7 +169,7 @@ def _other_judge(path=None, **kw):
 
 
 def test_another_judge_reports_what_its_per_image_predictions_give(toy_sets, tmp_path, monkeypatch):
-    monkeypatch.setitem(C._CLASSIFIERS, "test-other-judge", _other_judge)
+    monkeypatch.setitem(C.CLASSIFIERS, "test-other-judge", _other_judge)
     out = tmp_path / "eval"
     report, rows = _run(toy_sets, out, "--judge2", "test-other-judge", "--device", "cpu")
     classes = C.load_classifier("toy").attributes
@@ -232,7 +232,7 @@ def test_judges_reading_one_attribute_with_other_classes_are_refused(toy_sets, t
         return C.AttributeClassifier(C.load_classifier("toy").nets[0], [C.Head("gender", ("male", "female"), (1, 0))],
                                      input_size=32)
 
-    monkeypatch.setitem(C._CLASSIFIERS, "test-swapped", swapped)
+    monkeypatch.setitem(C.CLASSIFIERS, "test-swapped", swapped)
     with pytest.raises(SystemExit) as e:
         cli(E.main, ["--images", str(toy_sets[0]), "--out", str(tmp_path / "eval"), *BASE, "--judge2", "test-swapped",
                      "--device", "cpu"])
@@ -301,7 +301,7 @@ def test_demo_reports_the_second_judge_per_split(toy_sets, tmp_path, monkeypatch
     images before and debiased after (here one evaluation stands for both splits)."""
     from common.toy.demo import second_judge_summary
 
-    monkeypatch.setitem(C._CLASSIFIERS, "test-other-judge", _other_judge)
+    monkeypatch.setitem(C.CLASSIFIERS, "test-other-judge", _other_judge)
     report = E.evaluate(toy_sets[0], tmp_path / "eval", classifier="toy", detector="toy", reference_dir=toy_sets[1],
                         image_encoders=(), n_boot=0, grids=False, progress=False, judge2="test-other-judge")
     summary, rows = second_judge_summary({"train": report, "heldout": report}, "test-other-judge")

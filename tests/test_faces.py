@@ -237,7 +237,7 @@ def test_custom_detector_and_registry():
         assert f.boxes.tolist() == [[0, 6, 24, 30]] * 3
         assert f.crops.requires_grad and f.aligned.requires_grad
     finally:
-        faces._DETECTORS.pop("fixed-test")
+        faces.DETECTORS.pop("fixed-test")
     with pytest.raises(KeyError, match="unknown face detector 'nope'"):
         faces.get_detector("nope")
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from common.config import ConfigError
-from common.models import CLIP_TOKENS
+from common.models import CLIP_TOKENS, TINY_UNET
 from common.toy.degrade import KINDS, degrade, mild, random_degrade
 from common.toy.nets import VALID_LOGIT, ToyClassifier, ToyImageEncoder
 from common.toy.world import ATTRIBUTES, WORLD_VERSION, People, ToyWorld, to_tensor
@@ -59,18 +59,7 @@ VAE_CONFIG = dict(
 )
 TEXT_CONFIG = dict(**CLIP_TOKENS, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                    projection_dim=64)
-UNET_CONFIG = dict(
-    sample_size=8,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=64,
-    attention_head_dim=8,
-    norm_num_groups=16,
-)
+UNET_CONFIG = dict(**TINY_UNET, sample_size=8, cross_attention_dim=64)
 
 
 @dataclass
@@ -142,6 +131,26 @@ def _optim(params, lr: float, total: int, warmup: int, decay: bool = True):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, max(1, min(warmup, total // 5)), decay))
 
 
+def _fit(opt, sched, steps: int, desc: str, step, clip: list | None = None, after=None) -> dict[str, float]:
+    """`steps` times: `step() -> (loss, shown)`, an optimizer step on the loss (gradients clipped to norm 1 over the
+    tensors `clip` when given), a schedule step and `after()` (an EMA update); `shown` (name -> scalar tensor) goes to
+    the progress bar. Returns the last step's `shown` as floats."""
+    shown: dict[str, torch.Tensor] = {}
+    bar = tqdm(range(steps), desc=desc, leave=False)
+    for _ in bar:
+        loss, shown = step()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(clip, 1.0)
+        opt.step()
+        sched.step()
+        if after is not None:
+            after()
+        bar.set_postfix({k: f"{float(v):.4f}" for k, v in shown.items()})
+    return {k: float(v) for k, v in shown.items()}
+
+
 @torch.no_grad()
 def _chunks(fn, x: torch.Tensor, size: int = 512) -> torch.Tensor:
     return torch.cat([fn(x[i : i + size]) for i in range(0, len(x), size)])
@@ -166,23 +175,19 @@ def train_vae(world: ToyWorld, cfg: BuildConfig) -> tuple[torch.nn.Module, dict]
     vae = make_vae().train()
     g = _gen(cfg, 1)
     opt, sched = _optim(vae.parameters(), cfg.vae_lr, cfg.vae_steps, 50)
-    bar = tqdm(range(cfg.vae_steps), desc="toy 1/4 VAE", leave=False)
-    for _ in bar:
+
+    def step():
         xb = x[torch.randint(0, len(x), (cfg.vae_batch,), generator=g)]
         flip = torch.rand(len(xb), generator=g) < 0.5
         xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
         post = vae.encode(xb).latent_dist
         rec = vae.decode(post.sample(generator=g)).sample
         l1 = (rec - xb).abs().mean()
-        loss = l1 + cfg.kl_weight * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        bar.set_postfix(l1=f"{l1.item():.4f}")
+        return l1 + cfg.kl_weight * post.kl().mean(), {"l1": l1.detach()}
+
+    last = _fit(opt, sched, cfg.vae_steps, "toy 1/4 VAE", step, clip=list(vae.parameters()))
     vae.eval().requires_grad_(False)
-    return vae, {"vae_seconds": time.time() - t0, "vae_final_l1": float(l1.detach())}
+    return vae, {"vae_seconds": time.time() - t0, "vae_final_l1": last["l1"]}
 
 
 @torch.no_grad()
@@ -222,9 +227,9 @@ def train_classifier(world: ToyWorld, vae, cfg: BuildConfig) -> tuple[ToyClassif
     def attr_loss(out, idx, weight):
         return sum(F.cross_entropy(out[:, s], y[a][idx], reduction="none") for a, s in slices.items()) * weight
 
-    bar = tqdm(range(cfg.classifier_steps), desc="toy 2/4 classifier", leave=False)
     b = cfg.classifier_batch
-    for _ in bar:
+
+    def step():
         idx = torch.randint(0, len(real), (b,), generator=g)
         use_rec = (torch.rand(b, generator=g) < 0.5)[:, None, None, None]
         xb = torch.where(use_rec, rec[idx], real[idx])
@@ -243,12 +248,9 @@ def train_classifier(world: ToyWorld, vae, cfg: BuildConfig) -> tuple[ToyClassif
         la = torch.cat([attr_loss(out[:b], idx, 1.0), attr_loss(out[b:], didx, 0.3)]).mean()
         valid = torch.cat([torch.ones(b), torch.zeros(b // 2)])
         lv = F.binary_cross_entropy_with_logits(out[:, VALID_LOGIT], valid)
-        loss = la + lv
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        bar.set_postfix(attr=f"{la.item():.3f}", valid=f"{lv.item():.3f}")
+        return la + lv, {"attr": la.detach(), "valid": lv.detach()}
+
+    _fit(opt, sched, cfg.classifier_steps, "toy 2/4 classifier", step)
     clf.eval().requires_grad_(False)
     return clf, {"classifier_seconds": time.time() - t0}
 
@@ -315,13 +317,12 @@ def train_encoder(world: ToyWorld, vae, cfg: BuildConfig, tau: float = 0.1) -> t
     enc = ToyImageEncoder().train()
     opt, sched = _optim(enc.parameters(), 2e-3, cfg.encoder_steps, 50)
     b = cfg.encoder_batch // 2 * 2
-    bar = tqdm(range(cfg.encoder_steps), desc="toy 3/4 image encoder", leave=False)
 
     def pick(real, rec, idx):
         r = (torch.rand(len(idx), generator=g) < 0.5)[:, None, None, None]
         return mild(torch.where(r, rec[idx], real[idx]), g)
 
-    for _ in bar:
+    def step():
         pairs = torch.randint(0, n // 2, (b // 2,), generator=g)
         idx = torch.stack([2 * pairs, 2 * pairs + 1], 1).flatten()
         flip = (torch.rand(b, generator=g) < 0.5)[:, None, None, None]
@@ -334,11 +335,9 @@ def train_encoder(world: ToyWorld, vae, cfg: BuildConfig, tau: float = 0.1) -> t
         target = torch.arange(b)
         align = (1 - (fa * fp).sum(-1)).mean()
         loss = F.cross_entropy(logits, target) + F.cross_entropy(fp @ fa.T / tau, target) + align
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", pos=f"{1 - align.item():.3f}")
+        return loss, {"loss": loss.detach(), "pos": 1 - align.detach()}
+
+    _fit(opt, sched, cfg.encoder_steps, "toy 3/4 image encoder", step)
     enc.eval().requires_grad_(False)
     return enc, {"encoder_seconds": time.time() - t0}
 
@@ -439,8 +438,9 @@ def train_diffusion(world: ToyWorld, vae, cfg: BuildConfig):
     order = torch.randperm(len(x), generator=g)
     pos = 0
     t1 = time.time()
-    bar = tqdm(range(cfg.diffusion_steps), desc="toy 4/4 text encoder + U-Net", leave=False)
-    for _ in bar:
+
+    def step():
+        nonlocal order, pos
         if pos + b > len(order):
             order, pos = torch.randperm(len(x), generator=g), 0
         idx = order[pos : pos + b]
@@ -455,21 +455,17 @@ def train_diffusion(world: ToyWorld, vae, cfg: BuildConfig):
         hidden = encode_prompts(comps, caps).cond
         pred = unet(zt, t, encoder_hidden_states=hidden).sample
         loss = ((pred - noise) ** 2).mean(dim=(1, 2, 3)).mul(weight[t]).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        if ema is not None:
-            ema.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        return loss, {"loss": loss.detach()}
+
+    last = _fit(opt, sched, cfg.diffusion_steps, "toy 4/4 text encoder + U-Net", step, clip=params,
+                after=ema.step if ema is not None else None)
     if ema is not None:  # ship the averaged weights
         with torch.no_grad():
             for k, p in named.items():
                 p.copy_(ema.shadow[k])
     te.eval().requires_grad_(False)
     unet.eval().requires_grad_(False)
-    data_stats.update(diffusion_seconds=time.time() - t1, diffusion_final_loss=float(loss.detach()))
+    data_stats.update(diffusion_seconds=time.time() - t1, diffusion_final_loss=last["loss"])
     return comps, data_stats
 
 

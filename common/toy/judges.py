@@ -1,5 +1,6 @@
-"""The toy world's judges, plugged into the registries of `common.classifiers`, `common.faces` and
-`common.features` under the name "toy": attribute classifier (+ validity), face detector, image-feature encoder.
+"""The toy world's judges, registered by `common.toy.plugin` in the registries of `common.classifiers`,
+`common.faces` and `common.features` under the name "toy": attribute classifier (+ validity), face detector,
+image-feature encoder.
 
 No toy face-identity encoder is shipped: toy configs set `face_encoder: null` (no face-realism term).
 """

@@ -4,20 +4,22 @@ each, every trained attribute's bias (or its gap to a non-uniform target), the v
 the original model's image from the same noise. Lighter than `make demo` (in memory, no files per image), so several
 settings can be compared in one sitting.
 
-    python -m scripts.toy_probe --out outputs/probe/w8 --steps 400 --every 100 --set loss.w_img=8
-    python -m scripts.toy_probe --out outputs/probe/few --train-set per-word:1      # 16 training occupations
-    python -m scripts.toy_probe --out outputs/probe/long --train-set direction:long  # fields of one gender direction
+    python -m research.toy_probe --out outputs/probe/w8 --steps 400 --every 100 --set loss.w_img=8
+    python -m research.toy_probe --out outputs/probe/few --train-set per-word:1      # 16 training occupations
+    python -m research.toy_probe --out outputs/probe/long --train-set direction:long  # fields of one gender direction
 
 Writes OUT/probe.csv (step, weights, split, one column per trained attribute: {attribute}_bias for a uniform target,
 {attribute}_gap (mean |frequency - target|) otherwise, as exp-4's age at 75/25; {attribute}_kept for each `loss.keep`
 attribute: the share of images (with a face in both) whose class equals the original image's; valid_rate, similarity, minutes)
-and prints each row. The training run itself (metrics.csv and the last step's checkpoint) is in OUT/run/.
+and prints each row. The training run itself (metrics.csv and the last step's checkpoint) is in OUT/run/, its training
+prompts in OUT/train_prompts.txt (the config's `prompts.train`).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import time
 from pathlib import Path
 
@@ -105,16 +107,19 @@ def run_probe(out: str | Path, config: str | Path = DEFAULT_CONFIG, steps: int =
     out = Path(out)
     world = ToyWorld()
     pairs = training_pairs(world, train_set)
+    out.mkdir(parents=True, exist_ok=True)
+    # the training set reaches the trainer as a prompt file named by the config (it decides prompts.train)
+    train_file = (out / "train_prompts.txt").resolve()
+    train_file.write_text("".join(world.prompt(world.occupation(*p)) + "\n" for p in pairs))
     cfg = load_config(config, [f"paths.output_dir={out / 'run'}", "train.validate_every=0", "train.checkpoint_every=0",
-                               "train.permanent_every=0", f"train.max_steps={steps}", *(overrides or [])])
+                               "train.permanent_every=0", f"train.max_steps={steps}", *(overrides or []),
+                               f"prompts.train={json.dumps([str(train_file)])}"])
     tr = Trainer(cfg)
-    tr.train_prompts = [world.prompt(world.occupation(*p)) for p in pairs]
     probe = Probe(tr, {"train": measured_prompts(world, pairs, n_prompts),
                        "heldout": measured_prompts(world, world.heldout_pairs, n_prompts)}, images)
     columns = ["step", "weights", "split", *(f"{a.name}_{target_kind(a)}" for a in tr.attrs),
                *(f"{a}_kept" for a in tr.keep_heads), "valid_rate", "similarity", "minutes"]
     t0, rows = time.time(), []
-    out.mkdir(parents=True, exist_ok=True)
     with open(out / "probe.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, columns)
         w.writeheader()
@@ -137,7 +142,7 @@ def run_probe(out: str | Path, config: str | Path = DEFAULT_CONFIG, steps: int =
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="python -m scripts.toy_probe", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m research.toy_probe", description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--config", default=str(DEFAULT_CONFIG))
     ap.add_argument("--steps", type=int, default=150)

@@ -1,11 +1,11 @@
-"""scripts/toy_probe.py: the training sets it offers, and a two-step probe whose step-0 row is the original model."""
+"""research/toy_probe.py: the training sets it offers, and a two-step probe whose step-0 row is the original model."""
 
 from collections import Counter
 
 import pytest
 
 from common.toy.world import ToyWorld
-from scripts.toy_probe import run_probe, training_pairs
+from research.toy_probe import run_probe, training_pairs
 
 
 def test_training_sets():
@@ -43,7 +43,7 @@ def test_probe_columns_follow_the_configs_attributes(tmp_path):
     would score the target itself as biased."""
     from pathlib import Path
 
-    cfg = Path(__file__).resolve().parents[1] / "exp-4-debias-gender-race-age/configs/toy.yaml"
+    cfg = Path(__file__).resolve().parents[2] / "exp-4-debias-gender-race-age/configs/toy.yaml"
     rows = run_probe(tmp_path, cfg, steps=1, every=1, images=2, n_prompts=1, overrides=["sampling.train_steps=[2, 2]"])
     header = (tmp_path / "probe.csv").read_text().splitlines()[0].split(",")
     assert header == ["step", "weights", "split", "gender_bias", "race_bias", "age_gap", "valid_rate", "similarity",

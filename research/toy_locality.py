@@ -12,8 +12,8 @@ and the cosine is the demo's similarity (`common.metrics.paired_similarity`):
 2. Encoder sensitivity: renders of the same people with one group of drawing parameters moved by a fixed amount
    (pixels), against the unmoved renders.
 
-    python -m scripts.toy_locality --out outputs/locality --guidance 1.6 --shift-search
-    python -m scripts.toy_locality --out outputs/locality_b --build /tmp/toy_rebuild   # another build's U-Net
+    python -m research.toy_locality --out outputs/locality --guidance 1.6 --shift-search
+    python -m research.toy_locality --out outputs/locality_b --build /tmp/toy_rebuild   # another build's U-Net
 
 Writes OUT/word_edits.csv (word, bucket, pairs, cosine[, best_shift_cosine]) and OUT/sensitivity.csv (parameters,
 delta, cosine) and prints both.
@@ -148,7 +148,7 @@ def main(argv=None) -> tuple[list[dict], list[dict]]:
     from common.toy.models import load_toy_components
     from common.toy.world import ToyWorld
 
-    ap = argparse.ArgumentParser(prog="python -m scripts.toy_locality", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m research.toy_locality", description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--build", default=None, help="toy build folder of the U-Net and text encoder (default data/toy)")
     ap.add_argument("--guidance", type=float, default=1.6)

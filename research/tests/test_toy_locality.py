@@ -1,4 +1,4 @@
-"""scripts/toy_locality.py: the prompt edit, the buckets, the translation, the encoder sensitivity and a tiny CLI run."""
+"""research/toy_locality.py: the prompt edit, the buckets, the translation, the encoder sensitivity and a tiny CLI run."""
 
 import csv
 import dataclasses
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from common.toy.world import ToyWorld, to_tensor
-from scripts.toy_locality import buckets, edit_prompt, encoder_sensitivity, main, shift
+from research.toy_locality import buckets, edit_prompt, encoder_sensitivity, main, shift
 
 
 def test_edit_prompt_puts_the_word_in_front_of_the_occupation():
