@@ -10,8 +10,16 @@ import math
 
 import pytest
 import torch
+from sampling_helpers import (
+    assert_fast_equals_reference_with_last_k,
+    dft_grads,
+    fixed_loss,
+    pipeline_autograd_grads,
+    quiet_pipe,
+    rel_error,
+)
 
-from common.models import diffusers_pipeline, make_scheduler
+from common.models import make_scheduler
 from common.sampling import (
     Conditioning,
     Rollout,
@@ -27,24 +35,7 @@ PROMPT = "A photo of the face of a doctor, a person"
 SIZE = 32  # 32 px images, 4x4 latents: the smallest size the tiny VAE (down-sampling 8) handles well
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two OpenMP threads on the shared 2-core test machine can be ~50x slower than one; restore afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
-
-def _pipe(comps):
-    pipe = diffusers_pipeline(comps)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _rel(a: dict, b: dict) -> float:
-    num = sum(((a[k] - b[k]).double() ** 2).sum() for k in b).sqrt()
-    return float(num / sum((v.double() ** 2).sum() for v in b.values()).sqrt())
 
 
 def _add_trainables(comps, case: str, seed: int = 1):
@@ -72,18 +63,6 @@ def _add_trainables(comps, case: str, seed: int = 1):
             for n, p in getattr(comps, m).named_parameters() if p.requires_grad}
 
 
-def _loss_fn(n: int, dtype=torch.float32):
-    """A fixed random differentiable loss of the decoded images: linear + non-linear terms."""
-    weight = torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(7), dtype=dtype)
-    return lambda img: (img * weight).sum() + 10 * (img**2).mean() + 0.1 * torch.sin(3 * img).sum()
-
-
-def _grads(comps, params, *args, **kw):
-    for p in params.values():
-        p.grad = None
-    loss = dft_backward(comps, *args, **kw)
-    return loss, {k: p.grad.detach().clone() for k, p in params.items()}
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Conditioning and sampling
@@ -97,7 +76,7 @@ def test_padded_sample_matches_diffusers_pipeline(make_tiny):
     prompts = ["a photo of a cat", PROMPT]
     noise = torch.randn(2, 4, SIZE // 8, SIZE // 8)
     ours = sample(comps, prompts, noise, 6, conditioning="padded")
-    ref = _pipe(comps)(prompts, latents=noise.clone(), output_type="pt", num_inference_steps=6, guidance_scale=7.5)
+    ref = quiet_pipe(comps)(prompts, latents=noise.clone(), output_type="pt", num_inference_steps=6, guidance_scale=7.5)
     assert ours.images.shape == (2, 3, SIZE, SIZE)
     assert (ours.images - (ref.images * 2 - 1)).abs().max() < 1e-5
 
@@ -116,7 +95,7 @@ def test_reference_sample_and_trajectory_match_pipeline(make_tiny):
         seen.append(kw["latents"].clone())
         return kw
 
-    ref = _pipe(comps)(prompt_embeds=cond.cond, negative_prompt_embeds=cond.uncond.contiguous(),
+    ref = quiet_pipe(comps)(prompt_embeds=cond.cond, negative_prompt_embeds=cond.uncond.contiguous(),
                        latents=noise.clone(), output_type="pt", num_inference_steps=steps, guidance_scale=5.0,
                        callback_on_step_end=grab)
     assert (roll.images - (ref.images * 2 - 1)).abs().max() < 1e-5
@@ -260,13 +239,13 @@ def test_fast_equals_reference(make_tiny, case, chunk):
     params = _add_trainables(comps, case)
     prompts, steps = [PROMPT] * 3, 5
     noise = torch.randn(3, 4, SIZE // 8, SIZE // 8)
-    loss_fn = _loss_fn(3)
-    loss_r, g_ref = _grads(comps, params, prompts, noise, steps, loss_fn, mode="reference")
+    loss_fn = fixed_loss(3, SIZE)
+    loss_r, g_ref = dft_grads(comps, params, prompts, noise, steps, loss_fn, mode="reference")
     roll = sample(comps, prompts, noise, steps, return_trajectory=True, decode=case != "te")
-    loss_f, g_fast = _grads(comps, params, prompts, noise, steps, loss_fn, mode="fast", rollout=roll, chunk=chunk,
+    loss_f, g_fast = dft_grads(comps, params, prompts, noise, steps, loss_fn, mode="fast", rollout=roll, chunk=chunk,
                             decode_chunk=2)
     assert loss_f.item() == pytest.approx(loss_r.item(), rel=1e-5)
-    assert _rel(g_fast, g_ref) < 1e-4
+    assert rel_error(g_fast, g_ref) < 1e-4
     zero = [k for k in params if g_ref[k].abs().max() == 0 or g_fast[k].abs().max() == 0]
     if case == "prefix":  # only the rows of tokens that were used get gradient, including the prefix ones
         (table,) = params
@@ -285,16 +264,10 @@ def test_fast_equals_reference_fp64_last_k_and_accumulates(make_tiny):
     params = _add_trainables(comps, "both")
     prompts, steps = [PROMPT] * 2, 5
     noise = torch.randn(2, 4, SIZE // 8, SIZE // 8, dtype=torch.float64)
-    loss_fn = _loss_fn(2, torch.float64)
-    roll = sample(comps, prompts, noise, steps, return_trajectory=True)
-    _, g_ref = _grads(comps, params, prompts, noise, steps, loss_fn, mode="reference")
-    _, g_fast = _grads(comps, params, prompts, noise, steps, loss_fn, mode="fast", rollout=roll, chunk=4)
-    assert _rel(g_fast, g_ref) < 1e-6
-    _, l_ref = _grads(comps, params, prompts, noise, steps, loss_fn, mode="reference", last_k=2)
-    _, l_fast = _grads(comps, params, prompts, noise, steps, loss_fn, mode="fast", rollout=roll, last_k=2)
-    assert _rel(l_fast, l_ref) < 1e-6 and _rel(l_ref, g_ref) > 1e-2
+    loss_fn = fixed_loss(2, SIZE, torch.float64)
+    roll, l_fast = assert_fast_equals_reference_with_last_k(comps, params, prompts, noise, steps, loss_fn)
     dft_backward(comps, prompts, noise, steps, loss_fn, mode="fast", rollout=roll, last_k=2)  # on top of l_fast
-    assert _rel({k: p.grad / 2 for k, p in params.items()}, l_fast) < 1e-12
+    assert rel_error({k: p.grad / 2 for k, p in params.items()}, l_fast) < 1e-12
 
 
 def test_naive_equals_autograd_through_diffusers_pipeline(make_tiny):
@@ -304,24 +277,14 @@ def test_naive_equals_autograd_through_diffusers_pipeline(make_tiny):
     params = _add_trainables(comps, "both")
     prompts, steps = ["a photo of a cat", PROMPT], 4
     noise = torch.randn(2, 4, SIZE // 8, SIZE // 8)
-    loss_fn = _loss_fn(2)
-    _, g_naive = _grads(comps, params, prompts, noise, steps, loss_fn, mode="naive", conditioning="padded")
-    pipe = _pipe(comps)
-    call = type(pipe).__call__
-    while hasattr(call, "__wrapped__"):
-        call = call.__wrapped__
-    for p in params.values():
-        p.grad = None
-    with torch.enable_grad():
-        images = call(pipe, prompts, latents=noise.clone(), output_type="pt", num_inference_steps=steps,
-                      guidance_scale=7.5).images
-        loss_fn(images * 2 - 1).backward()
-    g_pipe = {k: p.grad.clone() for k, p in params.items()}
-    assert _rel(g_naive, g_pipe) < 1e-4
+    loss_fn = fixed_loss(2, SIZE)
+    _, g_naive = dft_grads(comps, params, prompts, noise, steps, loss_fn, mode="naive", conditioning="padded")
+    g_pipe = pipeline_autograd_grads(comps, params, prompts, noise, steps, loss_fn)
+    assert rel_error(g_naive, g_pipe) < 1e-4
     roll = sample(comps, prompts, noise, steps, conditioning="padded", return_trajectory=True)
-    _, g_fast = _grads(comps, params, prompts, noise, steps, loss_fn, mode="fast", rollout=roll,
+    _, g_fast = dft_grads(comps, params, prompts, noise, steps, loss_fn, mode="fast", rollout=roll,
                        conditioning="padded")
-    assert _rel(g_fast, g_naive) > 1e-2  # adjusted != exact
+    assert rel_error(g_fast, g_naive) > 1e-2  # adjusted != exact
 
 
 def test_reference_checkpointing_is_nonreentrant_and_reaches_every_unet_lora(make_tiny, monkeypatch):
@@ -342,7 +305,7 @@ def test_reference_checkpointing_is_nonreentrant_and_reaches_every_unet_lora(mak
 
     monkeypatch.setattr(ckpt, "checkpoint", spy)
     noise = torch.randn(2, 4, SIZE // 8, SIZE // 8)
-    _, grads = _grads(comps, params, [PROMPT] * 2, noise, 3, _loss_fn(2), mode="reference")
+    _, grads = dft_grads(comps, params, [PROMPT] * 2, noise, 3, fixed_loss(2, SIZE), mode="reference")
     assert calls and set(calls) == {False}
     assert len(grads) == 2 * len(targets) > 0  # lora_A and lora_B of every target layer
     assert all(g.abs().max() > 0 for g in grads.values())
@@ -360,7 +323,7 @@ def test_fast_with_unet_checkpointing_recomputes_and_keeps_the_gradient(make_tin
     prompts, steps = [PROMPT] * 2, 4
     noise = torch.randn(2, 4, SIZE // 8, SIZE // 8)
     roll = sample(comps, prompts, noise, steps, return_trajectory=True)
-    _, plain = _grads(comps, params, prompts, noise, steps, _loss_fn(2), mode="fast", rollout=roll, chunk=3)
+    _, plain = dft_grads(comps, params, prompts, noise, steps, fixed_loss(2, SIZE), mode="fast", rollout=roll, chunk=3)
     calls, real = [], ckpt.checkpoint
 
     def spy(fn, *args, **kw):
@@ -368,10 +331,10 @@ def test_fast_with_unet_checkpointing_recomputes_and_keeps_the_gradient(make_tin
         return real(fn, *args, **kw)
 
     monkeypatch.setattr(ckpt, "checkpoint", spy)
-    _, recomputed = _grads(comps, params, prompts, noise, steps, _loss_fn(2), mode="fast", rollout=roll, chunk=3,
+    _, recomputed = dft_grads(comps, params, prompts, noise, steps, fixed_loss(2, SIZE), mode="fast", rollout=roll, chunk=3,
                            checkpointing=True)
     assert calls and set(calls) == {False}
-    assert _rel(recomputed, plain) < 1e-6
+    assert rel_error(recomputed, plain) < 1e-6
     assert not comps.unet.is_gradient_checkpointing
 
 

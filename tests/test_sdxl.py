@@ -10,32 +10,23 @@ import json
 
 import pytest
 import torch
+from sampling_helpers import (
+    assert_fast_equals_reference_with_last_k,
+    dft_grads,
+    fixed_loss,
+    pipeline_autograd_grads,
+    quiet_pipe,
+    rel_error,
+)
 
-from common.models import check_sdxl, diffusers_pipeline, load_components, tiny_sdxl_components
-from common.sampling import Conditioning, dft_backward, encode_prompts, sample, sdxl_time_ids
+from common.models import check_sdxl, load_components, tiny_sdxl_components
+from common.sampling import Conditioning, encode_prompts, sample, sdxl_time_ids
 
 PROMPT = "A photo of the face of a doctor, a person"
 SIZE = 32  # 32 px images, 4x4 latents, as in test_sampling.py
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One OpenMP thread: tiny models on the shared 2-core machine (see test_sampling.py); restore afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
-
-def _pipe(comps):
-    pipe = diffusers_pipeline(comps)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _rel(a: dict, b: dict) -> float:
-    num = sum(((a[k] - b[k]).double() ** 2).sum() for k in b).sqrt()
-    return float(num / sum((v.double() ** 2).sum() for v in b.values()).sqrt())
 
 
 def _penultimate(te, ids, mask=None):
@@ -72,18 +63,6 @@ def _add_lora(comps, case: str, seed: int = 1):
     return {f"{k}.{n}": p for k, m in mods.items() for n, p in m.named_parameters() if p.requires_grad}
 
 
-def _loss_fn(n: int, h: int = SIZE, w: int = SIZE, dtype=torch.float32):
-    """A fixed random differentiable loss of the decoded images: linear + non-linear terms."""
-    weight = torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(7), dtype=dtype)
-    return lambda img: (img * weight).sum() + 10 * (img**2).mean() + 0.1 * torch.sin(3 * img).sum()
-
-
-def _grads(comps, params, *args, **kw):
-    for p in params.values():
-        p.grad = None
-    loss = dft_backward(comps, *args, **kw)
-    return loss, {k: p.grad.detach().clone() for k, p in params.items()}
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Components
@@ -103,7 +82,7 @@ def test_tiny_sdxl_components_and_folder_detection(tmp_path):
     assert comps.text_encoders == [comps.text_encoder, comps.text_encoder_2]
 
     comps.force_zeros_for_empty_prompt = False
-    _pipe(comps).save_pretrained(tmp_path / "xl")
+    quiet_pipe(comps).save_pretrained(tmp_path / "xl")
     assert json.loads((tmp_path / "xl" / "model_index.json").read_text())["force_zeros_for_empty_prompt"] is False
     loaded = load_components(str(tmp_path / "xl"))
     assert loaded.is_sdxl and loaded.force_zeros_for_empty_prompt is False
@@ -113,7 +92,7 @@ def test_tiny_sdxl_components_and_folder_detection(tmp_path):
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), part
     assert not any(p.requires_grad for p in loaded.text_encoder_2.parameters())
 
-    _pipe(load_components("tiny:3")).save_pretrained(tmp_path / "sd")
+    quiet_pipe(load_components("tiny:3")).save_pretrained(tmp_path / "sd")
     sd = load_components(str(tmp_path / "sd"))
     assert not sd.is_sdxl and sd.text_encoder_2 is None and sd.tokenizer_2 is None
 
@@ -122,7 +101,7 @@ def test_sdxl_load_errors_name_the_problem(tmp_path):
     import shutil
 
     comps = tiny_sdxl_components(seed=0)
-    _pipe(comps).save_pretrained(tmp_path / "xl")
+    quiet_pipe(comps).save_pretrained(tmp_path / "xl")
     shutil.rmtree(tmp_path / "xl" / "text_encoder_2")
     with pytest.raises(FileNotFoundError, match="missing sub-folder.s. text_encoder_2"):
         load_components(str(tmp_path / "xl"))
@@ -151,7 +130,7 @@ def test_padded_sample_matches_sdxl_pipeline(zeros):
     prompts = ["a photo of a cat", PROMPT]
     noise = torch.randn(2, 4, 4, 6)  # non-square: height 32, width 48, so a swapped time-id order would show
     ours = sample(comps, prompts, noise, 5, conditioning="padded")
-    ref = _pipe(comps)(prompts, latents=noise.clone(), height=32, width=48, output_type="pt",
+    ref = quiet_pipe(comps)(prompts, latents=noise.clone(), height=32, width=48, output_type="pt",
                        num_inference_steps=5, guidance_scale=7.5).images
     assert ours.images.shape == (2, 3, 32, 48)
     assert (ours.images.abs() < 0.99).float().mean() > 0.5  # the comparison is not between saturated images
@@ -213,7 +192,7 @@ def test_reference_sample_and_trajectory_match_sdxl_pipeline():
         seen.append(kw["latents"].clone())
         return kw
 
-    ref = _pipe(comps)(prompt_embeds=cond.cond, negative_prompt_embeds=cond.uncond,
+    ref = quiet_pipe(comps)(prompt_embeds=cond.cond, negative_prompt_embeds=cond.uncond,
                        pooled_prompt_embeds=cond.pooled, negative_pooled_prompt_embeds=cond.uncond_pooled,
                        latents=noise.clone(), height=SIZE, width=SIZE, output_type="pt", num_inference_steps=steps,
                        guidance_scale=5.0, callback_on_step_end=grab).images
@@ -273,17 +252,17 @@ def test_fast_equals_reference_sdxl(case, zeros):
     params = _add_lora(comps, case)
     prompts, steps = [PROMPT, "a photo of a cat"], 4
     noise = torch.randn(2, 4, 4, 4)
-    loss_fn = _loss_fn(2)
-    loss_r, g_ref = _grads(comps, params, prompts, noise, steps, loss_fn, mode="reference")
+    loss_fn = fixed_loss(2, SIZE)
+    loss_r, g_ref = dft_grads(comps, params, prompts, noise, steps, loss_fn, mode="reference")
     roll = sample(comps, prompts, noise, steps, return_trajectory=True)
-    loss_f, g_fast = _grads(comps, params, prompts, noise, steps, loss_fn, mode="fast", rollout=roll, chunk=3)
+    loss_f, g_fast = dft_grads(comps, params, prompts, noise, steps, loss_fn, mode="fast", rollout=roll, chunk=3)
     assert loss_f.item() == pytest.approx(loss_r.item(), rel=1e-5)
-    assert _rel(g_fast, g_ref) < 1e-4
+    assert rel_error(g_fast, g_ref) < 1e-4
     zero = [k for k in params if g_ref[k].abs().max() == 0 or g_fast[k].abs().max() == 0]
     assert not zero, f"zero gradient for {zero[:5]}"
     if case == "te2":
         last = {k: v for k, v in g_fast.items() if ".layers.1." in k}
-        assert last and _rel(last, {k: g_ref[k] for k in last}) < 1e-4  # the pooled-only path agrees as well
+        assert last and rel_error(last, {k: g_ref[k] for k in last}) < 1e-4  # the pooled-only path agrees as well
 
 
 def test_fast_equals_reference_sdxl_fp64_last_k():
@@ -293,14 +272,8 @@ def test_fast_equals_reference_sdxl_fp64_last_k():
     params = _add_lora(comps, "both")
     prompts, steps = [PROMPT] * 2, 4
     noise = torch.randn(2, 4, 4, 4, dtype=torch.float64)
-    loss_fn = _loss_fn(2, dtype=torch.float64)
-    roll = sample(comps, prompts, noise, steps, return_trajectory=True)
-    _, g_ref = _grads(comps, params, prompts, noise, steps, loss_fn, mode="reference")
-    _, g_fast = _grads(comps, params, prompts, noise, steps, loss_fn, mode="fast", rollout=roll, chunk=4)
-    assert _rel(g_fast, g_ref) < 1e-6
-    _, l_ref = _grads(comps, params, prompts, noise, steps, loss_fn, mode="reference", last_k=2)
-    _, l_fast = _grads(comps, params, prompts, noise, steps, loss_fn, mode="fast", rollout=roll, last_k=2)
-    assert _rel(l_fast, l_ref) < 1e-6 and _rel(l_ref, g_ref) > 1e-2
+    loss_fn = fixed_loss(2, SIZE, torch.float64)
+    assert_fast_equals_reference_with_last_k(comps, params, prompts, noise, steps, loss_fn)
 
 
 def test_naive_equals_autograd_through_sdxl_pipeline():
@@ -311,21 +284,11 @@ def test_naive_equals_autograd_through_sdxl_pipeline():
     params = _add_lora(comps, "both")
     prompts, steps = ["a photo of a cat", PROMPT], 3
     noise = torch.randn(2, 4, 4, 4)
-    loss_fn = _loss_fn(2)
-    _, g_naive = _grads(comps, params, prompts, noise, steps, loss_fn, mode="naive", conditioning="padded")
-    pipe = _pipe(comps)
-    call = type(pipe).__call__
-    while hasattr(call, "__wrapped__"):
-        call = call.__wrapped__
-    for p in params.values():
-        p.grad = None
-    with torch.enable_grad():
-        images = call(pipe, prompts, latents=noise.clone(), height=SIZE, width=SIZE, output_type="pt",
-                      num_inference_steps=steps, guidance_scale=7.5).images
-        loss_fn(images * 2 - 1).backward()
-    g_pipe = {k: p.grad.clone() for k, p in params.items()}
+    loss_fn = fixed_loss(2, SIZE)
+    _, g_naive = dft_grads(comps, params, prompts, noise, steps, loss_fn, mode="naive", conditioning="padded")
+    g_pipe = pipeline_autograd_grads(comps, params, prompts, noise, steps, loss_fn, height=SIZE, width=SIZE)
     assert all(g.abs().max() > 0 for g in g_pipe.values())
-    assert _rel(g_naive, g_pipe) < 1e-4
+    assert rel_error(g_naive, g_pipe) < 1e-4
 
 
 def test_trainer_and_generate_run_sdxl_at_a_non_native_size(tmp_path, repo_root):

@@ -29,14 +29,6 @@ TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One OpenMP thread: tiny models on the shared 2-core machine (see test_sampling.py); restore afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def randomize(comps, seed):
     """Train-like, non-zero values for every trainable tensor; returns them (`trainable_state_dict`)."""
