@@ -460,15 +460,29 @@ def save_lora(components, out_dir: str | Path, metadata: dict | None = None) -> 
                       metadata={"tokens": json.dumps(tokens)})
             files = [SDXL_TI_FILE]
         else:
-            files = []
-            for i, (token, row) in enumerate(zip(tokens, rows[0]), start=1):
-                f = out / TI_FILE.format(i=i)
-                save_file({token: row.clone().contiguous()}, str(f))
-                files.append(f.name)
+            files = _write_token_files(out, tokens, rows[0])
         info["prefix"] = {"tokens": tokens, "files": files, "prompt_prefix": "".join(tokens)}
-        main = main or out
+    return _finish_export(out, info, main or (out if prefixes[0] is not None else None), "save_lora: the components "
+                          "have no adapters to save")
+
+
+def _write_token_files(out: Path, tokens: list[str], rows) -> list[str]:
+    """One `learned_embeds-{i}.safetensors` per prefix token ({token: row}), the layout SD 1.x textual inversion
+    loading reads; returns the file names."""
+    from safetensors.torch import save_file
+
+    files = []
+    for i, (token, row) in enumerate(zip(tokens, rows), start=1):
+        f = out / TI_FILE.format(i=i)
+        save_file({token: row.clone().contiguous()}, str(f))
+        files.append(f.name)
+    return files
+
+
+def _finish_export(out: Path, info: dict, main: Path | None, nothing: str) -> Path:
+    """Write adapter_info.json beside the exported files; `nothing` is the error when no file was written."""
     if main is None:
-        raise ValueError("save_lora: the components have no adapters to save")
+        raise ValueError(nothing)
     (out / INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
     return main
 
@@ -1043,7 +1057,6 @@ def write_released(rel: Released, out_dir: str | Path, metadata: dict | None = N
     `base_model_name_or_path` is "", the value
     transformers records for a model without a checkpoint name. Returns the main file (or the folder)."""
     from diffusers import StableDiffusionPipeline
-    from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -1068,15 +1081,8 @@ def write_released(rel: Released, out_dir: str | Path, metadata: dict | None = N
         )
         main = out / LORA_FILE
     if rel.prefix_rows is not None:
-        tokens, files = [], []
-        for i, row in enumerate(rel.prefix_rows, start=1):
-            tokens.append(PREFIX_TOKEN.format(i=i))
-            f = out / TI_FILE.format(i=i)
-            save_file({tokens[-1]: row.clone().contiguous()}, str(f))
-            files.append(f.name)
+        tokens = [PREFIX_TOKEN.format(i=i) for i in range(1, len(rel.prefix_rows) + 1)]
+        files = _write_token_files(out, tokens, rel.prefix_rows)
         info["prefix"] = {"tokens": tokens, "files": files, "prompt_prefix": "".join(tokens)}
         main = main or out
-    if main is None:
-        raise ValueError("write_released: nothing to write (no LoRA and no prefix file was read)")
-    (out / INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
-    return main
+    return _finish_export(out, info, main, "write_released: nothing to write (no LoRA and no prefix file was read)")

@@ -457,26 +457,10 @@ def diffusers_pipeline(comps: Components):
     components (no safety checker), for parity checks and users."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    shared = dict(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.unet,
+                  scheduler=comps.scheduler)
     if comps.is_sdxl:
-        return StableDiffusionXLPipeline(
-            vae=comps.vae,
-            text_encoder=comps.text_encoder,
-            text_encoder_2=comps.text_encoder_2,
-            tokenizer=comps.tokenizer,
-            tokenizer_2=comps.tokenizer_2,
-            unet=comps.unet,
-            scheduler=comps.scheduler,
-            force_zeros_for_empty_prompt=comps.force_zeros_for_empty_prompt,
-            add_watermarker=False,
-        )
-
-    return StableDiffusionPipeline(
-        vae=comps.vae,
-        text_encoder=comps.text_encoder,
-        tokenizer=comps.tokenizer,
-        unet=comps.unet,
-        scheduler=comps.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+        return StableDiffusionXLPipeline(**shared, text_encoder_2=comps.text_encoder_2, tokenizer_2=comps.tokenizer_2,
+                                         force_zeros_for_empty_prompt=comps.force_zeros_for_empty_prompt,
+                                         add_watermarker=False)
+    return StableDiffusionPipeline(**shared, safety_checker=None, feature_extractor=None, requires_safety_checker=False)

@@ -63,3 +63,25 @@ def pipeline_autograd_grads(comps, params, prompts, noise, steps, loss_fn, **cal
                       guidance_scale=7.5, **call_kw).images
         loss_fn(images * 2 - 1).backward()
     return {k: p.grad.clone() for k, p in params.items()}
+
+
+def assert_rollout_matches_pipeline(comps, cond, noise, roll, steps: int, guidance: float, **embeds):
+    """`roll` (sample with return_trajectory, from `noise`) against diffusers' pipeline fed the same pre-computed
+    embeddings (`embeds`: prompt_embeds=..., and for SDXL the pooled ones and height / width): same images, and the
+    stored trajectory equals the pipeline's per-step latents (callback). Tolerance 1e-5: the same fp32 operations,
+    batched differently."""
+    seen = []
+
+    def grab(pipe, i, t, kw):
+        seen.append(kw["latents"].clone())
+        return kw
+
+    ref = quiet_pipe(comps)(**embeds, latents=noise.clone(), output_type="pt", num_inference_steps=steps,
+                            guidance_scale=guidance, callback_on_step_end=grab).images
+    assert (roll.images - (ref * 2 - 1)).abs().max() < 1e-5
+    traj = roll.trajectory
+    assert traj.latents.shape == (steps, *noise.shape) and traj.eps.shape == traj.latents.shape
+    assert torch.equal(traj.latents[0], noise)
+    for k in range(steps - 1):
+        assert (traj.latents[k + 1] - seen[k]).abs().max() < 1e-5
+    assert (roll.latents - seen[-1]).abs().max() < 1e-5

@@ -9,15 +9,8 @@ written by `save_pretrained` and read back, and the `reference` (hooked chain) f
 import json
 
 import pytest
+import sampling_helpers as sh
 import torch
-from sampling_helpers import (
-    assert_fast_equals_reference_with_last_k,
-    dft_grads,
-    fixed_loss,
-    pipeline_autograd_grads,
-    quiet_pipe,
-    rel_error,
-)
 
 from common.models import check_sdxl, load_components, tiny_sdxl_components
 from common.sampling import Conditioning, encode_prompts, sample, sdxl_time_ids
@@ -82,7 +75,7 @@ def test_tiny_sdxl_components_and_folder_detection(tmp_path):
     assert comps.text_encoders == [comps.text_encoder, comps.text_encoder_2]
 
     comps.force_zeros_for_empty_prompt = False
-    quiet_pipe(comps).save_pretrained(tmp_path / "xl")
+    sh.quiet_pipe(comps).save_pretrained(tmp_path / "xl")
     assert json.loads((tmp_path / "xl" / "model_index.json").read_text())["force_zeros_for_empty_prompt"] is False
     loaded = load_components(str(tmp_path / "xl"))
     assert loaded.is_sdxl and loaded.force_zeros_for_empty_prompt is False
@@ -92,7 +85,7 @@ def test_tiny_sdxl_components_and_folder_detection(tmp_path):
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), part
     assert not any(p.requires_grad for p in loaded.text_encoder_2.parameters())
 
-    quiet_pipe(load_components("tiny:3")).save_pretrained(tmp_path / "sd")
+    sh.quiet_pipe(load_components("tiny:3")).save_pretrained(tmp_path / "sd")
     sd = load_components(str(tmp_path / "sd"))
     assert not sd.is_sdxl and sd.text_encoder_2 is None and sd.tokenizer_2 is None
 
@@ -101,7 +94,7 @@ def test_sdxl_load_errors_name_the_problem(tmp_path):
     import shutil
 
     comps = tiny_sdxl_components(seed=0)
-    quiet_pipe(comps).save_pretrained(tmp_path / "xl")
+    sh.quiet_pipe(comps).save_pretrained(tmp_path / "xl")
     shutil.rmtree(tmp_path / "xl" / "text_encoder_2")
     with pytest.raises(FileNotFoundError, match="missing sub-folder.s. text_encoder_2"):
         load_components(str(tmp_path / "xl"))
@@ -130,7 +123,7 @@ def test_padded_sample_matches_sdxl_pipeline(zeros):
     prompts = ["a photo of a cat", PROMPT]
     noise = torch.randn(2, 4, 4, 6)  # non-square: height 32, width 48, so a swapped time-id order would show
     ours = sample(comps, prompts, noise, 5, conditioning="padded")
-    ref = quiet_pipe(comps)(prompts, latents=noise.clone(), height=32, width=48, output_type="pt",
+    ref = sh.quiet_pipe(comps)(prompts, latents=noise.clone(), height=32, width=48, output_type="pt",
                        num_inference_steps=5, guidance_scale=7.5).images
     assert ours.images.shape == (2, 3, 32, 48)
     assert (ours.images.abs() < 0.99).float().mean() > 0.5  # the comparison is not between saturated images
@@ -186,21 +179,10 @@ def test_reference_sample_and_trajectory_match_sdxl_pipeline():
     steps = 4
     roll = sample(comps, [PROMPT] * 2, noise, steps, guidance=5.0, return_trajectory=True)
     cond = encode_prompts(comps, [PROMPT] * 2)
-    seen = []
-
-    def grab(pipe, i, t, kw):
-        seen.append(kw["latents"].clone())
-        return kw
-
-    ref = quiet_pipe(comps)(prompt_embeds=cond.cond, negative_prompt_embeds=cond.uncond,
-                       pooled_prompt_embeds=cond.pooled, negative_pooled_prompt_embeds=cond.uncond_pooled,
-                       latents=noise.clone(), height=SIZE, width=SIZE, output_type="pt", num_inference_steps=steps,
-                       guidance_scale=5.0, callback_on_step_end=grab).images
-    assert (roll.images - (ref * 2 - 1)).abs().max() < 1e-5
+    sh.assert_rollout_matches_pipeline(comps, cond, noise, roll, steps, 5.0, prompt_embeds=cond.cond,
+                                    negative_prompt_embeds=cond.uncond, pooled_prompt_embeds=cond.pooled,
+                                    negative_pooled_prompt_embeds=cond.uncond_pooled, height=SIZE, width=SIZE)
     traj = roll.trajectory
-    assert traj.latents.shape == (steps, 2, 4, 4, 4) and torch.equal(traj.latents[0], noise)
-    for k in range(steps - 1):
-        assert (traj.latents[k + 1] - seen[k]).abs().max() < 1e-5
     with torch.no_grad():
         x, t = traj.latents[1], traj.timesteps[1]
         added = {"text_embeds": cond.uncond_pooled, "time_ids": cond.time_ids}
@@ -252,17 +234,17 @@ def test_fast_equals_reference_sdxl(case, zeros):
     params = _add_lora(comps, case)
     prompts, steps = [PROMPT, "a photo of a cat"], 4
     noise = torch.randn(2, 4, 4, 4)
-    loss_fn = fixed_loss(2, SIZE)
-    loss_r, g_ref = dft_grads(comps, params, prompts, noise, steps, loss_fn, mode="reference")
+    loss_fn = sh.fixed_loss(2, SIZE)
+    loss_r, g_ref = sh.dft_grads(comps, params, prompts, noise, steps, loss_fn, mode="reference")
     roll = sample(comps, prompts, noise, steps, return_trajectory=True)
-    loss_f, g_fast = dft_grads(comps, params, prompts, noise, steps, loss_fn, mode="fast", rollout=roll, chunk=3)
+    loss_f, g_fast = sh.dft_grads(comps, params, prompts, noise, steps, loss_fn, mode="fast", rollout=roll, chunk=3)
     assert loss_f.item() == pytest.approx(loss_r.item(), rel=1e-5)
-    assert rel_error(g_fast, g_ref) < 1e-4
+    assert sh.rel_error(g_fast, g_ref) < 1e-4
     zero = [k for k in params if g_ref[k].abs().max() == 0 or g_fast[k].abs().max() == 0]
     assert not zero, f"zero gradient for {zero[:5]}"
     if case == "te2":
         last = {k: v for k, v in g_fast.items() if ".layers.1." in k}
-        assert last and rel_error(last, {k: g_ref[k] for k in last}) < 1e-4  # the pooled-only path agrees as well
+        assert last and sh.rel_error(last, {k: g_ref[k] for k in last}) < 1e-4  # the pooled-only path agrees as well
 
 
 def test_fast_equals_reference_sdxl_fp64_last_k():
@@ -272,8 +254,8 @@ def test_fast_equals_reference_sdxl_fp64_last_k():
     params = _add_lora(comps, "both")
     prompts, steps = [PROMPT] * 2, 4
     noise = torch.randn(2, 4, 4, 4, dtype=torch.float64)
-    loss_fn = fixed_loss(2, SIZE, torch.float64)
-    assert_fast_equals_reference_with_last_k(comps, params, prompts, noise, steps, loss_fn)
+    loss_fn = sh.fixed_loss(2, SIZE, torch.float64)
+    sh.assert_fast_equals_reference_with_last_k(comps, params, prompts, noise, steps, loss_fn)
 
 
 def test_naive_equals_autograd_through_sdxl_pipeline():
@@ -284,11 +266,11 @@ def test_naive_equals_autograd_through_sdxl_pipeline():
     params = _add_lora(comps, "both")
     prompts, steps = ["a photo of a cat", PROMPT], 3
     noise = torch.randn(2, 4, 4, 4)
-    loss_fn = fixed_loss(2, SIZE)
-    _, g_naive = dft_grads(comps, params, prompts, noise, steps, loss_fn, mode="naive", conditioning="padded")
-    g_pipe = pipeline_autograd_grads(comps, params, prompts, noise, steps, loss_fn, height=SIZE, width=SIZE)
+    loss_fn = sh.fixed_loss(2, SIZE)
+    _, g_naive = sh.dft_grads(comps, params, prompts, noise, steps, loss_fn, mode="naive", conditioning="padded")
+    g_pipe = sh.pipeline_autograd_grads(comps, params, prompts, noise, steps, loss_fn, height=SIZE, width=SIZE)
     assert all(g.abs().max() > 0 for g in g_pipe.values())
-    assert rel_error(g_naive, g_pipe) < 1e-4
+    assert sh.rel_error(g_naive, g_pipe) < 1e-4
 
 
 def test_trainer_and_generate_run_sdxl_at_a_non_native_size(tmp_path, repo_root):
