@@ -120,7 +120,7 @@ class JudgesConfig:
     features: list[str] = field(default_factory=lambda: ["clip", "dino"])
     """image encoders of the semantics-preservation loss"""
     face_encoder: str | None = "facenet"
-    """face-identity encoder for the realism loss (facenet | sfnet20 | toy | None)"""
+    """face-identity encoder for the realism loss (facenet | sfnet20 | a registered plug-in encoder | None)"""
     face_bank: str | None = None
     """face-feature bank file (.pt or the authors' face_feats.pkl); None disables the nearest-neighbour target"""
     label_map: dict[str, str] = field(default_factory=dict)

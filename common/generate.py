@@ -298,7 +298,7 @@ def default_device() -> str:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m common.generate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=SD15,
-                    help="hub id, local diffusers folder, 'toy' or 'tiny'")
+                    help="hub id or local diffusers folder (SD 1.x or SDXL), or a registered model source (toy, tiny, tiny-sdxl)")
     src = ap.add_argument_group("debiasing weights (at most one; none = the original model)")
     src.add_argument("--lora", help="folder or file from `python -m common.export` (LoRA and/or prefix tokens)")
     src.add_argument("--released", nargs="+", metavar="PATH",
