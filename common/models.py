@@ -38,9 +38,15 @@ def cpu_supports_bf16() -> bool:
 def resolve_dtype(name: str | None, device) -> torch.dtype:
     """A config / CLI dtype name on `device`. On the CPU: fp32, except an explicit `bf16` on a CPU with native bf16
     (`cpu_supports_bf16`); fp16 is never run there (no fast CPU kernels). `auto` (or None) is bf16 on a GPU that
-    supports it, else fp16."""
+    supports it, else fp16. An explicit half precision the CPU cannot run fast says so on stderr (fp32 instead)."""
     if torch.device(device).type == "cpu":
-        return torch.bfloat16 if name == "bf16" and cpu_supports_bf16() else torch.float32
+        if name == "bf16" and cpu_supports_bf16():
+            return torch.bfloat16
+        if name in ("fp16", "bf16"):
+            import sys
+
+            print(f"[dtype] {name} on this CPU: running in fp32 instead (no fast {name} kernels here)", file=sys.stderr)
+        return torch.float32
     if name in (None, "auto"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return DTYPES[name]

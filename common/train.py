@@ -168,9 +168,6 @@ class Trainer:
             raise ValueError(f"train.images_per_prompt = {gipp} must be divisible by the number of processes ({self.world})")
         self.n_local = gipp // self.world
         dtype = resolve_dtype(cfg.model.dtype, self.device)
-        if self.device.type == "cpu" and cfg.model.dtype not in ("fp32", "auto") and dtype == torch.float32:
-            self.acc.print(f"[train] model.dtype={cfg.model.dtype} on CPU: running the frozen weights in fp32 instead "
-                           "(this CPU has no fast kernels for it)")
         te_dtype = resolve_dtype(cfg.model.text_encoder_dtype, self.device) if cfg.model.text_encoder_dtype else dtype
         self.dtype = dtype
         ls = cfg.train.loss_scale

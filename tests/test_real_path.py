@@ -443,7 +443,7 @@ def test_static_loss_scale_leaves_the_update_unchanged_and_an_overflow_skips(tmp
     assert l3["skipped"] == 1.0 and not m3
 
 
-def test_auto_dtype_is_bf16_where_supported(monkeypatch):
+def test_auto_dtype_is_bf16_where_supported(monkeypatch, capsys):
     from common.models import resolve_dtype
 
     assert resolve_dtype("auto", "cpu") == resolve_dtype("fp16", "cpu") == torch.float32  # the CPU runs fp32 ...
@@ -452,7 +452,9 @@ def test_auto_dtype_is_bf16_where_supported(monkeypatch):
     monkeypatch.setattr(cm, "cpu_supports_bf16", lambda: True)  # ... unless bf16 is asked for and native
     assert resolve_dtype("bf16", "cpu") == torch.bfloat16 and resolve_dtype("auto", "cpu") == torch.float32
     monkeypatch.setattr(cm, "cpu_supports_bf16", lambda: False)
-    assert resolve_dtype("bf16", "cpu") == torch.float32
+    capsys.readouterr()
+    assert resolve_dtype("bf16", "cpu") == torch.float32  # ... and the fallback is said, not silent
+    assert "bf16 on this CPU: running in fp32 instead" in capsys.readouterr().err
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert resolve_dtype("auto", "cuda") == torch.bfloat16 and resolve_dtype(None, "cuda") == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
