@@ -4,10 +4,10 @@
         --classifiers eval --out outputs/exp-3/eval
 
 Input folders hold `prompt_{i}/img_{j}.{png,jpg}` (from `common.generate` or the authors' gen-images); the prompt
-texts come from the folder's manifest.json or `--prompts`. Detection (`common.faces.detect`) and classification
-(`common.classifiers`) run batched, prompt by prompt. With `--reference` (the original model's images from the same
-noise) the reference is judged too, and CLIP-I / DINO compare each image with its partner of the same prompt index
-and image index. Outputs in OUT:
+texts come from the folder's manifest.json or `--prompts`. The judges (`common.judges.Judges`: detector, classifier,
+CLIP) measure each folder batch by batch, prompt by prompt, as the trainer's validation measures its samples. With
+`--reference` (the original model's images from the same noise) the reference is judged too, and CLIP-I / DINO compare
+each image with its partner of the same prompt index and image index. Outputs in OUT:
 - `results.csv`: one row per image (set, prompt index, prompt, image index, file, face found, score, box, per
   attribute the class probabilities, the predicted class ("" without a face) and its confidence, per-image scores);
 - `test_results.pkl` (and `reference_test_results.pkl`): the authors' structure (docs/method.md#metrics), a list
@@ -33,7 +33,7 @@ import math
 import pickle
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,14 +41,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from common.attributes import PRESETS, Attribute, uniform
+from common.attributes import Attribute
+from common.judges import HUB_OPTIONS
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
-AUTHORS_SLOTS = ("gender", "race", "age")
-"""attributes of the authors' test_results.pkl, in slot order after indicators and boxes"""
 SCORES = ("clip_t", "clip_i", "dino")
-JUDGE2 = "judge2_"
-"""prefix of the second judge's columns in results.csv"""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -119,162 +116,59 @@ def read_images(paths: Sequence[Path]) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Judgement:
-    """Per-image results of one image set, rows in `ImageSet.files` order. prompt / index LongTensor[N]; found [N]
-    bool; boxes [N, 4] int64 (expanded square box, -1 rows without a face); scores [N] detector score; logits / probs
-    {attribute: [N, K]} fp32; classes {attribute: class names}; extra {name: [N]} per-image scores (NaN = none);
-    logits2 / probs2 / classes2: the same of the second judge on the same crops (empty without one)."""
+class FolderModel:
+    """An `ImageSet` as a `common.judges.ImageModel`: `(prompt index, prompt, image indices) -> images` read from its
+    files; `plan` = {prompt index: image indices} and `files` in measured order, for `Judges.measure`."""
 
-    images: ImageSet
-    prompt: torch.Tensor
-    index: torch.Tensor
-    found: torch.Tensor
-    boxes: torch.Tensor
-    det_scores: torch.Tensor
-    logits: dict[str, torch.Tensor]
-    probs: dict[str, torch.Tensor]
-    classes: dict[str, tuple[str, ...]]
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
-    logits2: dict[str, torch.Tensor] = field(default_factory=dict)
-    probs2: dict[str, torch.Tensor] = field(default_factory=dict)
-    classes2: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    def __init__(self, images: ImageSet):
+        self.images = images
+        self._path = {(i, j): p for i, j, p in images.files}
+        self.plan: dict[int, list[int]] = {}
+        for i, j, _ in images.files:
+            self.plan.setdefault(i, []).append(j)
 
-    def table(self) -> dict:
-        """The input of `common.metrics.summarize`."""
-        return {"prompt": self.prompt, "found": self.found, "probs": self.probs, "scores": self.extra}
-
-    def table2(self) -> dict:
-        """The second judge's input of `common.metrics.summarize` (the per-image scores stay with the first)."""
-        return {"prompt": self.prompt, "found": self.found, "probs": self.probs2}
-
-    def authors_results(self) -> list[dict[int, torch.Tensor]]:
-        """[face_indicators, face_bboxs, gender_logits, race_logits, age_logits], each {prompt index: tensor}."""
-        out: list[dict[int, torch.Tensor]] = [{}, {}, {}, {}, {}]
-        for i in self.images.prompt_indices():
-            rows = self.prompt == i
-            out[0][i] = self.found[rows].clone()
-            out[1][i] = self.boxes[rows].long().clone()
-            for slot, attr in enumerate(AUTHORS_SLOTS, start=2):
-                if attr in self.logits:
-                    out[slot][i] = self.logits[attr][rows].float().clone()
-        return out
-
-    def rows(self, label: str) -> list[dict]:
-        """Tidy per-image rows for results.csv."""
-        out = []
-        for r, (i, j, path) in enumerate(self.images.files):
-            found = bool(self.found[r])
-            row = {
-                "set": label, "prompt_index": i, "prompt": self.images.prompts.get(i, ""), "image_index": j,
-                "file": str(path), "face_found": int(found), "face_score": round(float(self.det_scores[r]), 5),
-            }
-            for k, name in enumerate(("box_x1", "box_y1", "box_x2", "box_y2")):
-                row[name] = int(self.boxes[r, k])
-            for pre, classes, probs in (("", self.classes, self.probs), (JUDGE2, self.classes2, self.probs2)):
-                for a, names in classes.items():
-                    p = probs[a][r]
-                    for c, cname in enumerate(names):
-                        row[f"{pre}{a}_p_{cname}"] = round(float(p[c]), 6)
-                    row[f"{pre}{a}_pred"] = names[int(p.argmax())] if found else ""
-                    row[f"{pre}{a}_conf"] = round(float(p.max()), 6) if found else ""
-            for name, v in self.extra.items():
-                row[name] = "" if math.isnan(float(v[r])) else round(float(v[r]), 6)
-            out.append(row)
-        return out
+    def __call__(self, i: int, prompt: str, indices) -> torch.Tensor:
+        return read_images([self._path[(i, j)] for j in indices])
 
 
 @torch.no_grad()
 def judge(
     images: ImageSet,
-    classifier,
-    detector="mtcnn",
+    judges,
     batch_size: int = 16,
-    device: str = "cpu",
-    clip=None,
     grid_dir: str | Path | None = None,
-    grid_attrs: Sequence[Attribute | str] | None = None,
     grid_tile: int = 256,
     grid_order: str = "class",
     progress: bool = True,
-    classifier2=None,
-) -> Judgement:
-    """Detect, crop and classify every image of `images`, prompt by prompt in batches of `batch_size`.
-
-    `classifier`: an `AttributeClassifier` (crops of its `input_size`); `detector`: a `common.faces` registry name or
-    instance; `clip`: (CLIPModel, tokenizer) for CLIP-T (`extra["clip_t"]`), None to skip. With `grid_dir`, writes
-    `prompt_{i}.jpg` annotated grids of `grid_attrs` (default: every attribute) with tiles of `grid_tile` px.
-    `classifier2`: a second judge, run on the same detected boxes (cropped at its own `input_size`) into the
-    Judgement's `logits2` / `probs2` / `classes2`.
-    """
-    from common.faces import crop_faces, detect
-    from common.metrics import clip_score
+):
+    """`judges.measure` (`common.judges.Judges`) over every image of `images`, prompt by prompt in batches of
+    `batch_size` -> `common.judges.Measurement` (rows in `images.files` order; CLIP-T in `extra` when the judges hold
+    CLIP). With `grid_dir`, writes `prompt_{i}.jpg` annotated grids of the judges' attributes, `grid_tile` px tiles."""
     from common.plots import annotated_grid
 
-    attrs_for_grid = list(grid_attrs) if grid_attrs is not None else list(classifier.attributes)
+    source = FolderModel(images)
     if grid_dir is not None:
         Path(grid_dir).mkdir(parents=True, exist_ok=True)
-    by_prompt: dict[int, list[tuple[int, Path]]] = {}
-    for i, j, p in images.files:
-        by_prompt.setdefault(i, []).append((j, p))
-    cols: dict[str, list] = {"prompt": [], "index": [], "found": [], "boxes": [], "det": [], "clip_t": []}
-    logits: dict[str, list[torch.Tensor]] = {a: [] for a in classifier.attributes}
-    logits2: dict[str, list[torch.Tensor]] = {a: [] for a in (classifier2.attributes if classifier2 else {})}
-    bar = tqdm(total=len(images.files), desc=f"judging {images.root.name}", unit="img", disable=not progress)
-    for i, items in by_prompt.items():
-        small, p_found, p_boxes, p_probs = [], [], [], {a: [] for a in classifier.attributes}
-        for s in range(0, len(items), batch_size):
-            chunk = items[s : s + batch_size]
-            x = read_images([p for _, p in chunk]).to(device)
-            faces = detect(x, detector, crop_size=classifier.input_size)
-            out = classifier(faces.crops)
-            for a, v in out.items():
-                logits[a].append(v.float().cpu())
-                p_probs[a].append(v.float().softmax(-1).cpu())
-            if classifier2 is not None:  # the same boxes; cropped again only when the judges' input sizes differ
-                crops2 = (faces.crops if classifier2.input_size == classifier.input_size
-                          else crop_faces(x, faces.boxes, classifier2.input_size))
-                for a, v in classifier2(crops2).items():
-                    logits2[a].append(v.float().cpu())
-            found, boxes = faces.found.cpu(), faces.boxes.cpu().long()
-            cols["prompt"] += [i] * len(chunk)
-            cols["index"] += [j for j, _ in chunk]
-            cols["found"].append(found)
-            cols["boxes"].append(boxes)
-            cols["det"].append(faces.scores.float().cpu())
-            if clip is not None:
-                model, tok = clip
-                cols["clip_t"].append(clip_score(x, [images.prompts[i]] * len(chunk), model, tok))
-            if grid_dir is not None:
-                scale = grid_tile / x.shape[-1]
-                small.append(torch.nn.functional.interpolate(x.float(), size=(grid_tile, grid_tile), mode="bilinear",
-                                                             antialias=True, align_corners=False).cpu())
-                p_found.append(found)
-                p_boxes.append(torch.where(boxes >= 0, boxes.float() * scale, boxes.float()))
-            bar.update(len(chunk))
-        if grid_dir is not None:
-            grid = annotated_grid(torch.cat(small), torch.cat(p_boxes), {a: torch.cat(v) for a, v in p_probs.items()},
-                                  torch.cat(p_found), attrs_for_grid, indices=[j for j, _ in items], order=grid_order)
-            grid.save(Path(grid_dir) / f"prompt_{i}.jpg", quality=90)
-    bar.close()
-    lg = {a: torch.cat(v) for a, v in logits.items()}
-    lg2 = {a: torch.cat(v) for a, v in logits2.items()}
-    extra = {"clip_t": torch.cat(cols["clip_t"]).double()} if clip is not None else {}
-    return Judgement(
-        images=images,
-        prompt=torch.tensor(cols["prompt"], dtype=torch.long),
-        index=torch.tensor(cols["index"], dtype=torch.long),
-        found=torch.cat(cols["found"]),
-        boxes=torch.cat(cols["boxes"]),
-        det_scores=torch.cat(cols["det"]),
-        logits=lg,
-        probs={a: v.softmax(-1) for a, v in lg.items()},
-        classes=dict(classifier.attributes),
-        extra=extra,
-        logits2=lg2,
-        probs2={a: v.softmax(-1) for a, v in lg2.items()},
-        classes2=dict(classifier2.attributes) if classifier2 is not None else {},
-    )
+    tiles: list = []
+
+    def grid(i, indices, x, j, last):
+        scale = grid_tile / x.shape[-1]
+        boxes = j.faces.boxes.cpu().long()
+        small = torch.nn.functional.interpolate(x.float(), size=(grid_tile, grid_tile), mode="bilinear",
+                                                antialias=True, align_corners=False).cpu()
+        tiles.append((small, torch.where(boxes >= 0, boxes.float() * scale, boxes.float()), j.found.cpu(),
+                      {a: j.logits[a].softmax(-1).cpu() for a in j.logits}))
+        if last:
+            cat = [torch.cat([t[k] for t in tiles]) for k in range(3)]
+            probs = {a: torch.cat([t[3][a] for t in tiles]) for a in tiles[0][3]}
+            out = annotated_grid(cat[0], cat[1], probs, cat[2], judges.attributes, indices=source.plan[i],
+                                 order=grid_order)
+            out.save(Path(grid_dir) / f"prompt_{i}.jpg", quality=90)
+            tiles.clear()
+
+    return judges.measure(source, images.prompts, source.plan, batch_size=batch_size,
+                          on_batch=grid if grid_dir is not None else None, progress=progress,
+                          desc=f"judging {images.root.name}", files=images.files)
 
 
 @torch.no_grad()
@@ -309,25 +203,6 @@ def paired_scores(
 # ----------------------------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def attribute_specs(classes: Mapping[str, Sequence[str]], targets: Mapping[str, Sequence[float]] | None = None
-                    ) -> list[Attribute]:
-    """The classifier's attributes as `Attribute`s: presets (gender, race, age: their targets and colours) when the
-    class count fits, else uniform targets; `targets` overrides a target distribution by attribute name."""
-    targets = dict(targets or {})
-    unknown = set(targets) - set(classes)
-    if unknown:
-        raise KeyError(f"--target names attribute(s) {sorted(unknown)} the classifier does not have ({list(classes)})")
-    out = []
-    for name, names in classes.items():
-        base = PRESETS.get(name)
-        if base is not None and base.num_classes == len(names):
-            attr = Attribute(name, tuple(names), base.target, base.colors)
-        else:
-            attr = Attribute(name, tuple(names), uniform(len(names)))
-        out.append(attr.with_target(targets.get(name)))
-    return out
 
 
 def _fmt(summary: dict, m: str) -> str:
@@ -372,25 +247,7 @@ def summary_markdown(summaries: Mapping[str, dict | None], title: str = "Evaluat
     return "\n".join(lines) + "\n"
 
 
-def judge_attributes(classes1: Mapping[str, Sequence[str]], classes2: Mapping[str, Sequence[str]],
-                     targets: Mapping[str, Sequence[float]] | None = None) -> tuple[list[Attribute], list[Attribute]]:
-    """`attribute_specs` of two judges with one set of `targets` (each judge takes those of its attributes). An
-    attribute both judges read must have the same classes in the same order, or their predictions cannot be compared."""
-    targets = dict(targets or {})
-    unknown = set(targets) - set(classes1) - set(classes2)
-    if unknown:
-        raise KeyError(f"--target names attribute(s) {sorted(unknown)} neither judge has ({list(classes1)}, "
-                       f"{list(classes2)})")
-    for a in set(classes1) & set(classes2):
-        if tuple(classes1[a]) != tuple(classes2[a]):
-            from common.runtime import UsageError
-
-            raise UsageError(f"the two judges read attribute '{a}' with different classes ({list(classes1[a])} and "
-                             f"{list(classes2[a])}); pick a second judge with the first one's classes for it")
-    return tuple(attribute_specs(c, {k: v for k, v in targets.items() if k in c}) for c in (classes1, classes2))
-
-
-def judge_agreement(j: Judgement, summary1: dict, summary2: dict, attrs1: Sequence[Attribute],
+def judge_agreement(j, summary1: dict, summary2: dict, attrs1: Sequence[Attribute],
                     attrs2: Sequence[Attribute]) -> dict[str, dict]:
     """Per attribute of either judge (judge 1's first): its figure (`{a}_bias` or `{a}_gap`, mean / std over prompts
     and interval) under each judge that reads it (None under the other), and, for attributes both read, the share of
@@ -494,37 +351,6 @@ PAIRED_NAMES = {"clip": "clip_i", "tiny-clip": "clip_i", "dino": "dino", "tiny-d
 """image encoder name -> the score it gives with --reference"""
 
 
-def load_judges(
-    classifier: str = "eval",
-    classifier_path=None,
-    clip_model: str | None = None,
-    image_encoders: Sequence[str] = (),
-    device: str = "cpu",
-    classifier_kwargs: Mapping | None = None,
-    judge2: str | None = None,
-    judge2_path=None,
-) -> dict:
-    """Load the evaluation models once (and early, so that a missing weight file fails before any long work):
-    {"classifier": AttributeClassifier, "clip": (CLIPModel, tokenizer) | None, "encoders": {name: encoder},
-    "classifier2": the second judge `judge2` (any `load_classifier` name, weights `judge2_path`) | None}."""
-    from common.classifiers import load_classifier
-
-    kw1, kw2 = judge_kwargs(classifier, judge2, classifier_kwargs)
-    out: dict = {"classifier": load_classifier(classifier, path=classifier_path, device=device, **kw1), "clip": None,
-                 "encoders": {}}
-    out["classifier2"] = load_classifier(judge2, path=judge2_path, device=device, **kw2) if judge2 else None
-    if clip_model:
-        from common.metrics import load_clip_model
-        from common.models import clip_tokenizer
-
-        out["clip"] = (load_clip_model(clip_model, device=device), clip_tokenizer())
-    if image_encoders:
-        from common.features import load_image_encoder
-
-        out["encoders"] = {name: load_image_encoder(name, device=device) for name in image_encoders}
-    return out
-
-
 def evaluate(
     images_dir: str | Path,
     out_dir: str | Path,
@@ -546,16 +372,17 @@ def evaluate(
     threshold: float = 0.8,
     progress: bool = True,
     classifier_kwargs: Mapping | None = None,
-    judges: dict | None = None,
+    judges=None,
     judge2: str | None = None,
     judge2_path=None,
 ) -> dict:
     """Judge `images_dir` (and `reference_dir`), compute the metrics and write the report into `out_dir` (see the
-    module docstring). `judges`: models already loaded by `load_judges` (then classifier / clip_model /
-    image_encoders / judge2 are only recorded). `judge2`: a second classifier's registry name, run on the same face
-    crops. Returns {"summaries": {label: summary}, "attributes": [...], "settings"}, and with a second judge
+    module docstring). `judges`: a `common.judges.Judges` already loaded (then classifier / clip_model /
+    image_encoders / judge2 are only recorded; `targets` still apply). `judge2`: a second classifier's registry name,
+    run on the same face crops. Returns {"summaries": {label: summary}, "attributes": [...], "settings",
+    "measurements": {label: `common.judges.Measurement`} (in memory, not in summary.json)}, and with a second judge
     "judge2" {"name", "attributes", "summaries"} and "agreement" {label: `judge_agreement`}."""
-    from common.metrics import summarize
+    from common.judges import Judges
     from common.plots import attribute_colors, frequency_plot
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -564,39 +391,33 @@ def evaluate(
     sets = {labels[0]: scan_images(images_dir, prompts)}
     if reference_dir is not None:
         sets[labels[1]] = scan_images(reference_dir, prompts)
-    if clip_model or (judges and judges.get("clip")):
+    if clip_model or (judges is not None and judges.clip is not None):
         for s in sets.values():
             if any(not t for t in s.prompts.values()):
                 raise ValueError(f"{s.root}: CLIP-T needs the prompt texts; the folder has no manifest.json with "
                                  "them: pass --prompts FILE:SPLIT")
     if judges is None:
-        judges = load_judges(classifier, classifier_path, clip_model, image_encoders if reference_dir else (),
-                             device, classifier_kwargs, judge2=judge2, judge2_path=judge2_path)
-    clf, clip, encs = judges["classifier"], judges.get("clip"), judges.get("encoders") or {}
-    clf2 = judges.get("classifier2")
-    if (clf2 is None) != (not judge2):  # judges loaded elsewhere must hold the second judge that the report names
-        raise ValueError(f"judge2 = {judge2!r} but judges['classifier2'] is {'not ' if clf2 is None else ''}loaded; "
-                         "pass both (load_judges(..., judge2=NAME)) or neither")
-    if clf2 is None:
-        attrs = attribute_specs(clf.attributes, targets)
+        judges = Judges.load(classifier, classifier_path, detector, clip_model,
+                             image_encoders if reference_dir else (), device, classifier_kwargs, judge2=judge2,
+                             judge2_path=judge2_path, targets=targets)
     else:
-        attrs, attrs2 = judge_attributes(clf.attributes, clf2.attributes, targets)
+        judges = judges.with_targets(targets)
+    if (judges.classifier2 is None) != (not judge2):  # judges loaded elsewhere must hold the judge the report names
+        raise ValueError(f"judge2 = {judge2!r} but the judges hold {'no' if judges.classifier2 is None else 'a'} "
+                         "second classifier; pass both (Judges.load(..., judge2=NAME)) or neither")
+    attrs, attrs2 = judges.attributes, judges.attributes2
 
-    judged: dict[str, Judgement] = {}
-    for label, s in sets.items():
-        judged[label] = judge(s, clf, detector, batch_size, device, clip,
-                              grid_dir=out / "grids" / label if grids else None, grid_attrs=attrs,
-                              grid_tile=grid_tile, grid_order=grid_order, progress=progress, classifier2=clf2)
-    if reference_dir is not None and encs:
-        scores = paired_scores(sets[labels[0]], sets[labels[1]], encs, batch_size, device, progress)
+    judged = {label: judge(s, judges, batch_size, grid_dir=out / "grids" / label if grids else None,
+                           grid_tile=grid_tile, grid_order=grid_order, progress=progress) for label, s in sets.items()}
+    if reference_dir is not None and judges.encoders:
+        scores = paired_scores(sets[labels[0]], sets[labels[1]], judges.encoders, batch_size, device, progress)
         for name, v in scores.items():
             judged[labels[0]].extra[PAIRED_NAMES.get(name, name)] = v
 
-    summaries = {label: summarize(j.table(), attrs, threshold=threshold, n_boot=n_boot) for label, j in judged.items()}
+    summaries = {label: j.summarize(threshold, n_boot) for label, j in judged.items()}
     agree = None
-    if clf2 is not None:
-        summaries2 = {label: summarize(j.table2(), attrs2, threshold=threshold, n_boot=n_boot)
-                      for label, j in judged.items()}
+    if judges.classifier2 is not None:
+        summaries2 = {label: j.summarize(threshold, n_boot, second=True) for label, j in judged.items()}
         agree = {label: judge_agreement(j, summaries[label], summaries2[label], attrs, attrs2)
                  for label, j in judged.items()}
 
@@ -651,7 +472,7 @@ def evaluate(
                             "summaries": summaries2}
         report["agreement"] = agree
     (out / "summary.json").write_text(json.dumps(_json_keys(report), indent=2) + "\n")
-    return report
+    return {**report, "measurements": judged}
 
 
 def _json_keys(obj):
@@ -681,26 +502,6 @@ def _parse_targets(items: Sequence[str] | None) -> dict[str, list[float]]:
         except ValueError:
             raise ValueError(f"--target {item!r}: expected NAME=P1,P2,... e.g. age=0.75,0.25") from None
     return out
-
-
-HUB_OPTIONS = ("label_map", "clip_prompts")
-"""`load_classifier` keywords that only hub judges (`hf:`, `clip:`) take"""
-
-
-def judge_kwargs(judge1: str, judge2: str | None, kwargs: Mapping | None) -> tuple[dict, dict]:
-    """`load_classifier` keywords for each judge: the hub options (label map, CLIP prompts) go to whichever judges are
-    hub judges, the rest (e.g. input_size) to judge 1 only. Hub options with no hub judge to take them are refused."""
-    from common.hub_judges import is_hub_name
-    from common.runtime import UsageError
-
-    kwargs = dict(kwargs or {})
-    hub = {k: v for k in HUB_OPTIONS if (v := kwargs.pop(k, None))}  # empty ones: nothing to route
-    if hub and not any(n and is_hub_name(n) for n in (judge1, judge2)):
-        raise UsageError(f"{' and '.join(hub)} apply to hf: / clip: judges, and neither '{judge1}' nor "
-                         f"'{judge2}' is one" if judge2 else f"{' and '.join(hub)} apply to hf: / clip: judges, "
-                         f"not to '{judge1}'")
-    return ({**kwargs, **(hub if is_hub_name(judge1) else {})},
-            dict(hub) if judge2 and is_hub_name(judge2) else {})
 
 
 def cli_classifier_kwargs(input_size: int | None = None, label_map: str | None = None,

@@ -1,11 +1,12 @@
 """The per-image training loss: distributional-alignment cross-entropy, CLIP/DINO semantics preservation with dynamic
 weights and face-region gradient factors, and face realism (docs/method.md#preservation-losses).
 
-Everything here is a pure function of tensors, plus `judge` (detect + classify) and `FairnessLoss`, which holds one
-step's no-grad context (targets, original images' predictions and features) and evaluates the loss of a micro-batch of
-finetuned images WITH gradient. Fixes of the authors' code: an original image without a face gets no face region
-(their slicing bug, docs/method.md#no-face-in-the-original-image); the loss is a sum over images divided by the
-images per process, so micro-batches of unequal size are weighted fairly (docs/method.md#unequal-micro-batches).
+Everything here is a pure function of tensors, plus `FairnessLoss`, which holds one step's no-grad context (the
+judges' `common.judges.Judgement` of the finetuned and original images, targets, original features) and evaluates the
+loss of a micro-batch of finetuned images WITH gradient. Fixes of the authors' code: an original image without a face
+gets no face region (their slicing bug, docs/method.md#no-face-in-the-original-image); the loss is a sum over images
+divided by the images per process, so micro-batches of unequal size are weighted fairly
+(docs/method.md#unequal-micro-batches).
 """
 
 from __future__ import annotations
@@ -17,62 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from common.alignment import alignment_loss
-
-# ----------------------------------------------------------------------------------------------------------------
-# Judging a batch (no gradient)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _dtype(module) -> torch.dtype:
-    """The dtype a module computes in (its first parameter's; fp32 for a parameter-free module)."""
-    p = next(iter(module.parameters()), None)
-    return p.dtype if p is not None else torch.float32
-
-
-@dataclass
-class Judged:
-    """What the judges said about a batch of N images.
-
-    faces: `common.faces.Faces`; probs[a]: [N, K_a] with rows of -1 where no face; pred[a]: [N] class or -1;
-    conf[a]: [N] max probability (0 where no face).
-    """
-
-    faces: object
-    probs: dict[str, torch.Tensor]
-    pred: dict[str, torch.Tensor]
-    conf: dict[str, torch.Tensor]
-
-    @property
-    def found(self) -> torch.Tensor:
-        return self.faces.found
-
-
-def classify(classifier, crops: torch.Tensor, found: torch.Tensor, heads: Mapping[str, str]) -> dict[str, torch.Tensor]:
-    """Probabilities per attribute for `crops` [N, 3, S, S]; rows of -1 where `found` [N] is False.
-
-    heads: attribute name -> classifier output name.
-    """
-    logits = classifier(crops.to(_dtype(classifier)))
-    out = {}
-    for attr, head in heads.items():
-        if head not in logits:
-            raise KeyError(f"classifier has no output '{head}' for attribute '{attr}'; it has {sorted(logits)}")
-        p = logits[head].float().softmax(-1)
-        out[attr] = torch.where(found[:, None].to(p.device), p, torch.full_like(p, -1.0))
-    return out
-
-
-@torch.no_grad()
-def judge(images: torch.Tensor, detector, classifier, heads: Mapping[str, str]) -> Judged:
-    """Detect the largest face of each image [N, 3, H, W] in [-1, 1] and classify it (batched, no gradient)."""
-    from common.faces import detect
-
-    faces = detect(images, detector=detector, crop_size=classifier.input_size)
-    probs = classify(classifier, faces.crops, faces.found, heads)
-    pred = {a: torch.where(faces.found.to(p.device), p.argmax(-1), torch.full_like(p[:, 0], -1).long()) for a, p in probs.items()}
-    conf = {a: p.max(-1).values.clamp_min(0) for a, p in probs.items()}
-    return Judged(faces, probs, pred, conf)
-
+from common.judges import Judgement, head_logits
 
 # ----------------------------------------------------------------------------------------------------------------
 # Weights and gradient factors
@@ -109,7 +55,7 @@ def dynamic_weights(
     return torch.where(found.to(w.device), w, torch.full_like(w, float(no_face_weight)))
 
 
-def kept_classes(orig: Judged, attrs, threshold: float) -> dict[str, torch.Tensor]:
+def kept_classes(orig: Judgement, attrs, threshold: float) -> dict[str, torch.Tensor]:
     """Targets [N] per kept attribute: the original image's class where it has a face classified with confidence >=
     `threshold`, else -1 (no target)."""
     out = {}
@@ -123,7 +69,7 @@ def kept_share(pred: torch.Tensor, orig_pred: torch.Tensor) -> float:
     """Share of the images with a face in both (class >= 0 in `pred` and `orig_pred`, [N] each) whose class equals the
     original's; nan when no image has a face in both. The demo's `{attribute}_changed_after` is 1 minus this."""
     both = (pred >= 0) & (orig_pred.to(pred.device) >= 0)
-    return float((pred[both] == orig_pred.to(pred.device)[both]).float().mean()) if both.any() else float("nan")
+    return float((pred[both] == orig_pred.to(pred.device)[both]).double().mean()) if both.any() else float("nan")
 
 
 def box_intersection_mask(
@@ -184,8 +130,8 @@ class FairnessLoss:
         *,
         classifier,
         heads: Mapping[str, str],
-        gen: Judged,
-        orig: Judged,
+        gen: Judgement,
+        orig: Judgement,
         targets: Mapping[str, torch.Tensor],
         weights: LossWeights,
         encoders: Sequence[Callable] = (),
@@ -239,12 +185,12 @@ class FairnessLoss:
         # towards the original image's class, weighted by w_keep
         if found.any():
             crops = crop_faces(images, gen.boxes[idx].to(dev), self.classifier.input_size)
-            logits = self.classifier(crops.to(_dtype(self.classifier)))
+            logits = head_logits(self.classifier, crops, {**self.heads, **self.keep_heads})
             none = torch.full_like(found, -1, dtype=torch.long)
             for term, heads, targets, w in (("align", self.heads, self.targets, 1.0),
                                             ("keep", self.keep_heads, self.keep_targets, self.w_keep)):
-                for a, head in heads.items():
-                    ce = alignment_loss(logits[head].float(), torch.where(found, targets[a][idx].to(dev), none))
+                for a in heads:
+                    ce = alignment_loss(logits[a], torch.where(found, targets[a][idx].to(dev), none))
                     total = total + w * ce.sum()
                     logs[f"loss_{term}_{a}"] = ce.sum().item()
 

@@ -224,8 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict:
 
     from common.adapters import adapters_disabled
-    from common.evaluate import _parse_classifier_path, agreement_markdown, evaluate, load_judges
+    from common.evaluate import _parse_classifier_path, agreement_markdown, evaluate
     from common.generate import generate_to_dir, load_adapters
+    from common.judges import Judges
     from common.models import load_components
     from common.prompts import load_prompts
     from common.runtime import UsageError, enable_tf32, require_device
@@ -251,8 +252,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from common.evaluate import cli_classifier_kwargs
 
     ckw = cli_classifier_kwargs(args.classifier_input_size, args.label_map, args.judges_config)
-    judges = load_judges(args.classifier, _parse_classifier_path(args.classifier_path), args.clip_model or None,
-                         args.image_encoders, device, ckw, judge2=args.judge2, judge2_path=args.judge2_path)
+    judges = Judges.load(args.classifier, _parse_classifier_path(args.classifier_path), args.detector,
+                         args.clip_model or None, args.image_encoders, device, ckw, judge2=args.judge2,
+                         judge2_path=args.judge2_path)
     comps = load_components(args.model, dtype=dtype, device=device)
     adapters = load_adapters(comps, lora=args.lora, released=args.released, ema=not args.no_ema)
     gen = dict(steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
@@ -263,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     generate_to_dir(comps, prompts, out / "debiased", n,
                     info={"model": args.model, "adapters": adapters, "prompt_spec": args.prompts}, **gen)
     del comps
-    read = {*judges["classifier"].attributes, *(judges["classifier2"].attributes if judges["classifier2"] else ())}
+    read = {*judges.classifier.attributes, *(judges.classifier2.attributes if judges.classifier2 else ())}
     report = evaluate(out / "debiased", out / "eval", classifier=args.classifier, detector=args.detector,
                       reference_dir=out / "original", clip_model=args.clip_model or None,
                       image_encoders=args.image_encoders, device=device,

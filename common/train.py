@@ -16,7 +16,6 @@ the RNG states are saved and restored as well.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import hashlib
 import json
@@ -33,8 +32,9 @@ from tqdm.auto import tqdm
 
 from common import adapters as ad
 from common.alignment import assign, expected_targets
-from common.config import Config, add_config_args, data_path, load_config, save_config
-from common.losses import FairnessLoss, LossWeights, judge, kept_classes, kept_share
+from common.config import Config, add_config_args, load_config, save_config
+from common.judges import Judges
+from common.losses import FairnessLoss, LossWeights, kept_classes, kept_share
 from common.models import load_components, resolve_dtype
 from common.prompts import load_prompt_sets
 from common.sampling import Conditioning, dft_backward, encode_prompts, sample
@@ -190,24 +190,11 @@ class Trainer:
                                      weight_decay=cfg.train.weight_decay, eps=1e-8)
         self.ema = ad.EMA(self.params, decay=cfg.train.ema_decay)
 
-        # judges
-        from common.classifiers import load_classifier
-        from common.faces import get_detector
-        from common.features import FaceBank, load_face_encoder, load_image_encoder
-
-        j = cfg.judges
+        # judges: face detector, attribute classifier, image and face encoders, face bank (common/judges.py)
+        self.judges = Judges.from_config(cfg, self.device, dtype)
         self.attrs = cfg.attribute_specs()
         self.heads = {a.name: cfg.attributes[a.name].head or a.name for a in self.attrs}
         self.keep_heads = {h: h for h in cfg.loss.keep}  # classifier outputs kept image by image (not debiased)
-        self.judge_heads = {**self.heads, **self.keep_heads}
-        data = cfg.paths.data_dir
-        self.classifier = load_classifier(j.classifier, j.classifier_path, device=self.device, dtype=dtype, data_dir=data,
-                                          label_map=j.label_map, clip_prompts=j.clip_prompts)
-        self.detector = get_detector(j.detector)  # runs on the images' device
-        self.encoders = [load_image_encoder(n, device=self.device, dtype=dtype) for n in j.features]
-        self.face_encoder = (load_face_encoder(j.face_encoder, device=self.device, dtype=dtype, data_dir=data)
-                             if j.face_encoder else None)
-        self.face_bank = FaceBank.load(data_path(j.face_bank, data)).to(self.device) if j.face_bank else None
         lw = cfg.loss
         self.weights = LossWeights(
             w_img=lw.w_img, w_face=lw.w_face,
@@ -224,7 +211,7 @@ class Trainer:
         self.before_reduce: list = []
         """callables `hook(trainer)` run each step after this process's gradients are accumulated, before the
         all-reduce"""
-        self._val_orig_cache: dict | None = None
+        self._val_orig: dict | None = None
         if self.acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
@@ -340,25 +327,28 @@ class Trainer:
         """Roll out, judge and align this process's images of `prompt` (the step's j-th prompt), then ADD the
         adjusted-DFT gradient of their loss (summed over images, divided by `denominator`) to the parameters' grads.
         Returns (loss, summed term logs, gathered probabilities, this process's targets)."""
-        cfg, step = self.cfg, self.step_count
+        cfg, step, judges = self.cfg, self.step_count, self.judges
         noise = self.noise("train" if j == 0 else f"train/{j}", self.n_local, step)
         prompts = [prompt] * self.n_local
         mode = cfg.sampling.dft
+        # 1. no-grad rollouts of the finetuned and the original model from the same noise (common/sampling.py)
         ft, orig = self._rollouts(prompts, noise, steps, trajectory=(mode == "fast"))
-        gen_j = judge(ft.images, self.detector, self.classifier, self.judge_heads)
-        orig_j = judge(orig.images, self.detector, self.classifier, self.judge_heads)
+        # 2. the judges: detect the largest face, crop, classify (common/judges.py, common/faces.py)
+        gen_j, orig_j = judges.judge(ft.images), judges.judge(orig.images)
+        # 3. distributional alignment: OT targets on the batch gathered over processes (common/alignment.py)
         targets, _, glob = self.targets_for({a.name: gen_j.probs[a.name] for a in self.attrs}, step, j)
         keep_targets = kept_classes(orig_j, self.keep_heads, cfg.loss.confidence_threshold)
+        # 4. the per-image loss: alignment CE, semantics preservation, face realism (common/losses.py)
         with torch.no_grad():
-            orig_feats = [enc(orig.images) for enc in self.encoders]
+            orig_feats = [enc(orig.images) for enc in judges.encoders.values()]
             orig_face = None
-            if self.face_encoder is not None and cfg.loss.w_face > 0:
-                orig_face = self.face_encoder(orig_j.faces.aligned)
+            if judges.face_encoder is not None and cfg.loss.w_face > 0:
+                orig_face = judges.face_encoder(orig_j.faces.aligned)
         loss_fn = FairnessLoss(
-            classifier=self.classifier, heads=self.heads, gen=gen_j, orig=orig_j, targets=targets,
-            weights=self.weights, encoders=self.encoders, orig_features=orig_feats, face_encoder=self.face_encoder,
-            orig_face_features=orig_face, face_bank=self.face_bank, denominator=denominator,
-            keep_heads=self.keep_heads, keep_targets=keep_targets, w_keep=cfg.loss.w_keep,
+            classifier=judges.classifier, heads=self.heads, gen=gen_j, orig=orig_j, targets=targets,
+            weights=self.weights, encoders=list(judges.encoders.values()), orig_features=orig_feats,
+            face_encoder=judges.face_encoder, orig_face_features=orig_face, face_bank=judges.face_bank,
+            denominator=denominator, keep_heads=self.keep_heads, keep_targets=keep_targets, w_keep=cfg.loss.w_keep,
         )
         # share of the images whose kept attribute reads as the original's (times n_local: term logs are per-image sums)
         total, term_logs = 0.0, {f"kept_{a}": kept_share(gen_j.pred[a], orig_j.pred[a]) * self.n_local
@@ -372,6 +362,7 @@ class Trainer:
                 logs_mb.update(logs)
                 return loss * self.loss_scale  # static loss scale; the gradients are unscaled before the all-reduce
 
+            # 5. adjusted DFT: the loss back-propagated through the sampling chain, rescaled per step (sampling.py)
             loss = dft_backward(
                 self.comps, prompts[: len(idx)], noise[idx], steps, fn, mode=mode,
                 rollout=ft.slice(idx) if mode == "fast" else None, guidance=cfg.sampling.guidance,
@@ -413,55 +404,49 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ validation
     @torch.no_grad()
-    def validate(self) -> dict[str, float]:
-        """Per-prompt and mean bias of the current and the EMA weights on validation noise fixed for the whole run;
-        annotated grids (original vs finetuned) in RUN_DIR/val/."""
-        from common.metrics import distance_to_target
+    def validate(self, on_batch=None) -> dict[str, float]:
+        """Per-prompt and mean bias (`Judges.measure`, as `common.evaluate` measures) of the original, the current and
+        the EMA weights on validation noise fixed for the whole run; annotated grids of the first prompts in
+        RUN_DIR/val/. `on_batch(tag, prompt index, images, judgement)` (optional; tag orig / main / ema) sees every
+        validation batch of this process, e.g. to keep its images."""
+        from common.metrics import target_kind
         from common.plots import annotated_grid
 
         cfg = self.cfg
         per = max(1, cfg.train.val_images_per_prompt // self.world)
-        steps = cfg.sampling.val_steps
         kw = dict(guidance=cfg.sampling.guidance, conditioning=self.conditioning, decode_chunk=cfg.sampling.decode_chunk)
-        out: dict[str, float] = {}
         val_dir = self.run_dir / "val"
-        if self._val_orig_cache is None:  # the original model never changes: sample and judge it once
-            cache = {}
-            for i, prompt in enumerate(self.val_prompts):
-                noise = self.noise("val", per, i)
-                with ad.adapters_disabled(self.comps):
-                    r = sample(self.comps, [prompt] * per, noise, steps, **kw)
-                cache[i] = (r.images.cpu(), judge(r.images, self.detector, self.classifier, self.heads))
-            self._val_orig_cache = cache
-        variants = {"main": None, "ema": self.ema}
-        for name, ema in variants.items():
-            ctx = ema.swapped() if ema is not None else contextlib.nullcontext()
-            with ctx:
-                for i, prompt in enumerate(self.val_prompts):
-                    noise = self.noise("val", per, i)
-                    r = sample(self.comps, [prompt] * per, noise, steps, **kw)
-                    j = judge(r.images, self.detector, self.classifier, self.heads)
-                    probs = self._gather_probs(j.probs)
-                    orig_images, orig_j = self._val_orig_cache[i]
-                    orig_probs = self._gather_probs(orig_j.probs)
-                    for a in self.attrs:
-                        pairs = ((name, probs), ("orig", orig_probs)) if name == "main" else ((name, probs),)
-                        for tag, pr in pairs:  # the original model is counted once, not once per variant
-                            p = pr[a.name]
-                            pred = torch.where(p[:, 0] >= 0, p.argmax(-1), torch.full_like(p[:, 0], -1).long())
-                            kind, b = distance_to_target(pred.cpu(), a)  # bias, or gap for a non-uniform target
-                            key = f"val_{tag}_{kind}_{a.name}"
-                            out[f"{key}_p{i}"] = b
-                            out[key] = out.get(key, 0.0) + b / len(self.val_prompts)
-                    if self.acc.is_main_process and i < 4:
-                        val_dir.mkdir(parents=True, exist_ok=True)
-                        attrs = self.attrs
-                        for tag, imgs, jj in ((name, r.images.cpu(), j), ("orig", orig_images, orig_j)):
-                            if tag == "orig" and (self.step_count > 0 or name == "ema"):
-                                continue
-                            grid = annotated_grid(imgs, jj.faces.boxes.cpu(), {k: v.cpu() for k, v in jj.probs.items()},
-                                                  jj.faces.found.cpu(), attrs)
-                            grid.save(val_dir / f"step{self.step_count:06d}_p{i}_{tag}.png")
+
+        def sampler(i, prompt, idx):  # the validation noise of prompt i, images idx
+            noise = self.noise("val", per, i)[list(idx)]
+            return sample(self.comps, [prompt] * len(idx), noise, cfg.sampling.val_steps, **kw).images
+
+        def summary(tag: str) -> dict:
+            def seen(i, idx, images, j, last):
+                if on_batch is not None:
+                    on_batch(tag, i, images, j)
+                if self.acc.is_main_process and i < 4 and (tag != "orig" or self.step_count == 0):
+                    val_dir.mkdir(parents=True, exist_ok=True)
+                    grid = annotated_grid(images.cpu(), j.faces.boxes.cpu(), {k: v.cpu() for k, v in j.probs.items()},
+                                          j.found.cpu(), self.attrs)
+                    grid.save(val_dir / f"step{self.step_count:06d}_p{i}_{tag}.png")
+
+            m = self.judges.measure(sampler, self.val_prompts, per, batch_size=per, on_batch=seen)
+            return (m.gathered(self.acc.gather) if self.world > 1 else m).summarize(n_boot=0)
+
+        if self._val_orig is None:  # the original model never changes: sample and judge it once
+            with ad.adapters_disabled(self.comps):
+                self._val_orig = summary("orig")
+        summaries = {"orig": self._val_orig, "main": summary("main")}
+        with self.ema.swapped():
+            summaries["ema"] = summary("ema")
+        out: dict[str, float] = {}
+        for tag, s in summaries.items():
+            for a in self.attrs:
+                metric = f"{a.name}_{target_kind(a)}"  # bias, or gap for a non-uniform target
+                key = f"val_{tag}_{target_kind(a)}_{a.name}"
+                out.update({f"{key}_p{i}": v for i, v in s["per_prompt"][metric].items()})
+                out[key] = s["mean"][metric]
         return out
 
     # ------------------------------------------------------------------------------------------------ checkpoints

@@ -79,18 +79,18 @@ def word_edits(comps, detector, classifier, encoder, world, prompts: list[str], 
     from tqdm import tqdm
 
     from common.generate import noise_for
-    from common.losses import judge
+    from common.judges import Judges
     from common.metrics import paired_similarity
     from common.sampling import sample
 
-    heads = {a: a for a in classifier.attributes}
+    judges = Judges(classifier, detector)
     offsets = [(a / 4, b / 4) for a in range(-6, 7) for b in range(-6, 7)]  # +-1.5 px in quarter pixels
     acc: dict[tuple[str, str], list[list[float]]] = {}
     bar = tqdm(total=len(prompts) * (1 + len(words)), desc="word edits", leave=False)
     for p in prompts:
         noise = noise_for(p, range(images), comps.latent_shape())
         base = sample(comps, [p] * images, noise, steps, guidance=guidance).images
-        j0 = judge(base, detector, classifier, heads)
+        j0 = judges.judge(base)
         bar.update()
         for word in words:
             im = sample(comps, [edit_prompt(world, p, word)] * images, noise, steps, guidance=guidance).images
@@ -98,7 +98,7 @@ def word_edits(comps, detector, classifier, encoder, world, prompts: list[str], 
             best = None
             if shift_search:
                 best = torch.stack([paired_similarity(shift(im, dx, dy), base, encoder) for dx, dy in offsets]).max(0).values
-            for i, b in enumerate(buckets(j0.pred, judge(im, detector, classifier, heads).pred)):
+            for i, b in enumerate(buckets(j0.pred, judges.judge(im).pred)):
                 slot = acc.setdefault((word, b), [[], []])
                 slot[0].append(float(cos[i]))
                 if best is not None:

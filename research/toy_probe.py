@@ -23,6 +23,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from common.toy.demo import DEFAULT_CONFIG, measured_prompts
@@ -43,54 +44,57 @@ def training_pairs(world, spec: str) -> list[tuple[int, int]]:
 
 
 class Probe:
-    """Fixed noise per measured prompt; the original model's images are sampled once and kept as the reference."""
+    """Fixed noise per measured prompt; the original model is measured once and kept as the reference. Measures
+    through the trainer's judges (`Judges.measure`), as validation and `common.evaluate` do."""
 
     def __init__(self, trainer, prompts: dict[str, list[str]], images: int):
         from common.generate import noise_for
 
-        self.tr, self.prompts = trainer, prompts
+        self.tr, self.prompts, self.images = trainer, prompts, images
         shape = trainer.comps.latent_shape(trainer.cfg.sampling.image_size)
         self.noise = {p: noise_for(p, range(images), shape) for ps in prompts.values() for p in ps}
-        self.reference: dict[str, torch.Tensor] = {}
-        self.reference_pred: dict[str, dict[str, torch.Tensor]] = {}
+        self.reference: dict[str, tuple] = {}
 
     @torch.no_grad()
-    def _images(self, prompt: str) -> torch.Tensor:
+    def _measure(self, prompts: list[str]):
+        """(`Measurement`, {prompt index: images}) of the model as it is now."""
         from common.sampling import sample
 
-        cfg = self.tr.cfg
-        n = self.noise[prompt]
-        return sample(self.tr.comps, [prompt] * n.shape[0], n, cfg.sampling.test_steps, guidance=cfg.sampling.guidance,
-                      conditioning=self.tr.conditioning).images
+        cfg, images = self.tr.cfg, {}
+
+        def model(i, prompt, idx):
+            n = self.noise[prompt][list(idx)]
+            return sample(self.tr.comps, [prompt] * n.shape[0], n, cfg.sampling.test_steps,
+                          guidance=cfg.sampling.guidance, conditioning=self.tr.conditioning).images
+
+        m = self.tr.judges.measure(model, prompts, self.images, batch_size=self.images,
+                                   on_batch=lambda i, idx, x, j, last: images.__setitem__(i, x))
+        return m, images
 
     @torch.no_grad()
     def measure(self) -> dict[str, dict[str, float]]:
         from common import adapters as ad
-        from common.losses import judge, kept_share
-        from common.metrics import distance_to_target, paired_similarity
+        from common.losses import kept_share
+        from common.metrics import paired_similarity, target_kind
 
         tr = self.tr
         out = {}
         for split, prompts in self.prompts.items():
-            rows = []
-            for p in prompts:
-                if p not in self.reference:
-                    with ad.adapters_disabled(tr.comps):
-                        self.reference[p] = self._images(p)
-                    self.reference_pred[p] = judge(self.reference[p], tr.detector, tr.classifier, tr.judge_heads).pred
-                imgs = self._images(p)
-                j = judge(imgs, tr.detector, tr.classifier, tr.judge_heads)
-                row = {}
-                for a in tr.attrs:
-                    kind, value = distance_to_target(j.pred[a.name].cpu(), a)
-                    row[f"{a.name}_{kind}"] = value
-                for a in tr.keep_heads:  # share of images whose kept attribute reads as the original image's
-                    row[f"{a}_kept"] = kept_share(j.pred[a], self.reference_pred[p][a])
-                row["valid_rate"] = float(j.faces.found.float().mean())
-                sims = [paired_similarity(imgs, self.reference[p], enc) for enc in tr.encoders]
-                row["similarity"] = float(torch.stack(sims).mean()) if sims else float("nan")
-                rows.append(row)
-            out[split] = {k: sum(r.get(k, float("nan")) for r in rows) / len(rows) for k in rows[0]}
+            if split not in self.reference:
+                with ad.adapters_disabled(tr.comps):
+                    self.reference[split] = self._measure(prompts)
+            (ref, ref_images), (m, images) = self.reference[split], self._measure(prompts)
+            s = m.summarize(n_boot=0)
+            row = {f"{a.name}_{target_kind(a)}": s["mean"][f"{a.name}_{target_kind(a)}"] for a in tr.attrs}
+            pred, ref_pred = m.pred, ref.pred
+            for a in tr.keep_heads:  # share of images whose kept attribute reads as the original image's
+                row[f"{a}_kept"] = float(np.nanmean([kept_share(pred[a][m.prompt == i], ref_pred[a][ref.prompt == i])
+                                                     for i in images]))
+            row["valid_rate"] = s["mean"]["face_rate"]
+            sims = [float(paired_similarity(images[i], ref_images[i], enc).mean())
+                    for i in images for enc in tr.judges.encoders.values()]
+            row["similarity"] = float(np.mean(sims)) if sims else float("nan")
+            out[split] = row
         return out
 
 

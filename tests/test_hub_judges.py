@@ -218,7 +218,7 @@ def test_evaluate_cli_runs_an_hf_judge_with_a_label_map(folders, pixels, tmp_pat
 
 
 def test_hub_options_go_to_the_hub_judges_only():
-    from common.evaluate import judge_kwargs
+    from common.judges import judge_kwargs
     from common.runtime import UsageError
 
     lm = {"cat": "gender:male"}
@@ -246,7 +246,7 @@ def test_trainer_reads_the_configs_label_map_for_an_hf_judge(folders, tmp_path, 
     with pytest.raises(ConfigError, match="label"):
         Trainer(load_config(cfg_file, over))
     tr = Trainer(load_config(cfg_file, [*over, "judges.label_map={cat: 'gender:male', dog: 'gender:female'}"]))
-    assert tr.classifier.attributes == {"gender": ("female", "male")}
+    assert tr.judges.classifier.attributes == {"gender": ("female", "male")}
     logs = tr.step()
     assert logs["skipped"] == 0.0 and logs["targets_gender"] > 0 and np.isfinite(logs["loss"])
 

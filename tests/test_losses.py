@@ -75,7 +75,8 @@ def test_keep_term_pulls_each_image_towards_its_original_class():
     images per process. Tolerance 1e-5 relative: the same float32 logits, summed in another order."""
     import numpy as np
 
-    from common.losses import FairnessLoss, LossWeights, judge, kept_classes
+    from common.judges import Judges
+    from common.losses import FairnessLoss, LossWeights, kept_classes
     from common.toy.judges import ToyDetector, load_classifier
     from common.toy.world import ToyWorld, to_tensor
 
@@ -86,7 +87,8 @@ def test_keep_term_pulls_each_image_towards_its_original_class():
     orig_imgs[4] = 0.0  # a flat grey square: no valid face
     gen_imgs = to_tensor(world.render(people.with_attributes(age=1 - people.age)))  # every age flipped
     heads = {"gender": "gender", "age": "age"}
-    orig, gen = judge(orig_imgs, det, clf, heads), judge(gen_imgs, det, clf, heads)
+    judges = Judges(clf, det, heads=heads)
+    orig, gen = judges.judge(orig_imgs), judges.judge(gen_imgs)
     assert orig.found.tolist() == [True] * 4 + [False] and gen.found.all()
     kept = kept_classes(orig, ["age"], threshold=0.8)
     assert kept["age"].tolist() == [0, 1, 1, 0, -1]

@@ -190,7 +190,7 @@ def test_trainer_reads_the_face_bank_from_the_data_folder(tmp_path, monkeypatch)
         tmp_path / "run", "finetune.rank=4", f"paths.data_dir={data}", "judges.face_bank=banks/b.pt",
         "judges.face_encoder=facenet-random"))
     tr = Trainer(cfg)
-    assert len(tr.face_bank) == 5
+    assert len(tr.judges.face_bank) == 5
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -142,12 +142,13 @@ def test_logs_and_validation_measure_age_against_its_target(tmp_path):
     logs = tr.step()
     assert "gap_age" in logs and "bias_age" not in logs and "bias_gender" in logs and "bias_race" in logs
     assert 0 <= logs["gap_age"] <= 0.75
-    out = tr.validate()
+    ages: dict[int, torch.Tensor] = {}
+    out = tr.validate(on_batch=lambda tag, i, images, j: ages.setdefault(i, j.pred["age"]) if tag == "orig" else None)
     assert not any("bias_age" in k for k in out)
     per_prompt = [v for k, v in out.items() if k.startswith("val_orig_gap_age_p")]
     assert len(per_prompt) == 2 and out["val_orig_gap_age"] == pytest.approx(sum(per_prompt) / 2, abs=1e-12)
     for i, v in enumerate(per_prompt):
-        pred = tr._val_orig_cache[i][1].pred["age"]
+        pred = ages[i]
         old = float((pred == 1).sum() / (pred >= 0).sum())
         assert v == pytest.approx((abs((1 - old) - 0.75) + abs(old - 0.25)) / 2, abs=1e-6)
 

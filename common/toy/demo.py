@@ -28,9 +28,10 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO / "exp-3-debias-gender-race" / "configs" / "toy.yaml"
 
 
-def _measure(trainer, prompts: list[str], out: Path, images: int, split: str, judge2: str | None = None) -> dict:
+def _measure(trainer, judges, prompts: list[str], out: Path, images: int, judge2: str | None = None) -> dict:
     """Generate `images` per prompt with the original and the debiased (EMA) model from the same noise, evaluate both
-    with the toy judges (and the second judge `judge2`), and return the `common.evaluate` report."""
+    with the evaluation `judges` (`common.judges.Judges`, with the second judge `judge2`), and return the
+    `common.evaluate` report."""
     from common import adapters as ad
     from common.evaluate import evaluate
     from common.generate import generate_to_dir
@@ -47,7 +48,7 @@ def _measure(trainer, prompts: list[str], out: Path, images: int, split: str, ju
     targets = {a.name: list(a.target) for a in trainer.attrs}
     res = evaluate(out / "debiased", out / "eval", classifier=cfg.judges.eval_classifier, detector=cfg.judges.detector,
                    reference_dir=out / "original", prompts=prompts, image_encoders=tuple(cfg.judges.features),
-                   targets=targets, grid_tile=96, n_boot=200, progress=True, judge2=judge2)
+                   targets=targets, grid_tile=96, n_boot=200, progress=True, judges=judges, judge2=judge2)
     return res
 
 
@@ -66,27 +67,18 @@ def pairs_grid(split_dir: Path, n_prompts: int, per_prompt: int = 16, scale: int
     return path
 
 
-def changed_shares(eval_dir: Path, debiased: set[str]) -> dict[str, float]:
+def changed_shares(report: dict, debiased: set[str]) -> dict[str, float]:
     """For each attribute the classifier reads but the run did not debias (the toy world's age under gender x race):
     the share of images, among those with a face before and after, whose predicted class differs from the original
-    image's from the same noise (`eval_dir/results.csv`, sets "debiased" and "original")."""
-    import csv
+    image's from the same noise: 1 - `common.losses.kept_share` over the `common.evaluate` report's measurements
+    ("debiased" and "original", the same prompt and image indices row by row)."""
+    from common.losses import kept_share
 
-    with open(eval_dir / "results.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    sets: dict[str, dict] = {"debiased": {}, "original": {}}
-    for r in rows:
-        if r["set"] in sets:
-            sets[r["set"]][(r["prompt_index"], r["image_index"])] = r
-    attrs = [k[: -len("_pred")] for k in (rows[0] if rows else {}) if k.endswith("_pred") and not k.startswith("judge2_")]
-    out = {}
-    for a in attrs:
-        if a in debiased:
-            continue
-        pairs = [(r[f"{a}_pred"], sets["original"][k][f"{a}_pred"]) for k, r in sets["debiased"].items()
-                 if k in sets["original"] and r[f"{a}_pred"] and sets["original"][k][f"{a}_pred"]]
-        out[a] = sum(x != y for x, y in pairs) / len(pairs) if pairs else float("nan")
-    return out
+    after, before = report["measurements"]["debiased"], report["measurements"]["original"]
+    if not (torch.equal(after.prompt, before.prompt) and torch.equal(after.index, before.index)):
+        raise ValueError("the debiased and original folders hold different (prompt, image) indices")
+    pred_after, pred_before = after.pred, before.pred
+    return {a: 1 - kept_share(pred_after[a], pred_before[a]) for a in after.classes if a not in debiased}
 
 
 def second_judge_summary(reports: dict[str, dict], judge2: str) -> tuple[dict[str, float], list[str]]:
@@ -134,6 +126,7 @@ def run_demo(out: str | Path = "outputs/demo", config: str | Path = DEFAULT_CONF
     """Train on the toy world with `config`, measure, write everything under `out`; returns summary.json's content.
     `judge2`: a second evaluation classifier (default the config's judges.agreement; none in the toy configs)."""
     from common.config import load_config
+    from common.judges import Judges
     from common.toy.world import ToyWorld
     from common.train import Trainer
 
@@ -149,7 +142,11 @@ def run_demo(out: str | Path = "outputs/demo", config: str | Path = DEFAULT_CONF
     splits = {"train": measured_prompts(world, world.train_pairs, n_prompts),
               "heldout": measured_prompts(world, world.heldout_pairs, n_prompts)}
     judge2 = judge2 or cfg.judges.agreement
-    reports = {s: _measure(trainer, p, out / s, images, s, judge2) for s, p in splits.items()}
+    j = cfg.judges
+    hub = {k: getattr(j, k) for k in ("label_map", "clip_prompts") if getattr(j, k)}  # for hf: / clip: judges
+    judges = Judges.load(j.eval_classifier, detector=j.detector, image_encoders=j.features, device=trainer.device,
+                         classifier_kwargs=hub, judge2=judge2)
+    reports = {s: _measure(trainer, judges, p, out / s, images, judge2) for s, p in splits.items()}
     summaries = {s: r["summaries"] for s, r in reports.items()}
 
     def mean(split, label, key):
@@ -165,7 +162,7 @@ def run_demo(out: str | Path = "outputs/demo", config: str | Path = DEFAULT_CONF
     agree, agree_rows = second_judge_summary(reports, judge2) if judge2 else ({}, [])
     summary.update(agree)
     for split, prefix in (("heldout", ""), ("train", "train_")):  # unrequested changes (e.g. age), image by image
-        for a, v in changed_shares(out / split / "eval", {a.name for a in trainer.attrs}).items():
+        for a, v in changed_shares(reports[split], {a.name for a in trainer.attrs}).items():
             summary[f"{prefix}{a}_changed_after"] = v
     sim_keys = [k for k in summaries["heldout"]["debiased"]["mean"] if k.startswith(("sim_", "clip_i", "dino", "toy"))]
     sims = [mean("heldout", "debiased", k) for k in sim_keys]
