@@ -6,43 +6,77 @@ import json
 import pytest
 import torch
 
+STEPS, IMAGES, PROMPTS = 60, 32, 4
+"""the shortened demo: 60 training steps (the full demo trains 500), 32 images per prompt (128), 4 prompts per split
+(8)"""
 
-@pytest.mark.slow
-def test_short_demo_reduces_bias_on_both_splits(tmp_path):
+
+@pytest.fixture(scope="module")
+def short_demo(tmp_path_factory):
     from common.toy.demo import run_demo
 
+    out = tmp_path_factory.mktemp("demo")
     threads = torch.get_num_threads()
-    s = run_demo(tmp_path, images=32, n_prompts=4, overrides=[
-        "train.max_steps=60", "train.validate_every=0", "train.checkpoint_every=0", "train.permanent_every=0",
+    s = run_demo(out, images=IMAGES, n_prompts=PROMPTS, overrides=[
+        f"train.max_steps={STEPS}", "train.validate_every=0", "train.checkpoint_every=0", "train.permanent_every=0",
     ])
     assert torch.get_num_threads() == threads
-    assert json.loads((tmp_path / "summary.json").read_text()) == pytest.approx(s, nan_ok=True)
-    for split in ("train", "heldout"):
-        ev = tmp_path / split / "eval"
-        assert (ev / "per_prompt.csv").is_file() and (ev / "frequency_gender.png").is_file()
-        assert any((ev / "grids").iterdir())
-        assert (tmp_path / split / "pairs.png").is_file()
     print({k: round(v, 3) for k, v in s.items()})
-    # gender and race bias decrease on BOTH splits by more than 0.05 (measured here under exp-3's earlier guidance-3
-    # config: gender 0.98 -> 0.55 held-out and 0.95 -> 0.67 train; race 0.32 -> 0.16 and 0.27 -> 0.16), and so does
-    # the gender x race bias
-    for prefix in ("train_", ""):
-        for a in ("gender", "race"):
-            assert s[f"{prefix}{a}_bias_after"] < s[f"{prefix}{a}_bias_before"] - 0.05, (prefix, a)
-        assert s[f"{prefix}gender_race_bias_after"] < s[f"{prefix}gender_race_bias_before"], prefix
-    # age is not debiased: its changed share, recomputed here by joining results.csv's two sets on (prompt, image)
+    return out, s
+
+
+@pytest.mark.slow
+def test_short_demo_writes_its_report(short_demo):
+    """Every file of the report; summary.json is what run_demo returned; age (not debiased) changed on the share of
+    images that results.csv's two sets, joined on (prompt, image), give."""
     import csv
 
+    out, s = short_demo
+    assert json.loads((out / "summary.json").read_text()) == pytest.approx(s, nan_ok=True)
     for split, prefix in (("train", "train_"), ("heldout", "")):
-        rows = list(csv.DictReader(open(tmp_path / split / "eval" / "results.csv", newline="")))
+        ev = out / split / "eval"
+        assert (ev / "per_prompt.csv").is_file() and (ev / "frequency_gender.png").is_file()
+        assert any((ev / "grids").iterdir())
+        assert (out / split / "pairs.png").is_file()
+        rows = list(csv.DictReader(open(ev / "results.csv", newline="")))
         orig = {(r["prompt_index"], r["image_index"]): r["age_pred"] for r in rows if r["set"] == "original"}
         pairs = [(r["age_pred"], orig[(r["prompt_index"], r["image_index"])]) for r in rows if r["set"] == "debiased"]
         pairs = [(x, y) for x, y in pairs if x and y]
-        assert len(pairs) > 100 and s[f"{prefix}age_changed_after"] == pytest.approx(
+        assert len(pairs) > IMAGES * PROMPTS / 2 and s[f"{prefix}age_changed_after"] == pytest.approx(
             sum(x != y for x, y in pairs) / len(pairs), abs=1e-12)
         assert "gender_changed_after" not in s and "train_race_changed_after" not in s
-    # measured on this machine (guidance-3 config): similarity 0.88 after 60 steps, 1.6% rejected images (before: none)
-    assert s["similarity_after"] > 0.85 and s["degraded_rate_after"] < 0.1
+
+
+@pytest.mark.slow
+def test_short_demo_reduces_bias_on_both_splits(short_demo):
+    """The toy world's design: the base model shows its designed held-out bias (gender >= 0.6, race >= 0.25), and the
+    shortened demo lowers gender, race and gender x race bias on both splits, with the people kept (similarity >=
+    0.9) and at most 10% of images degraded: the full demo's acceptance numbers where 60 steps can meet them."""
+    _, s = short_demo
+    assert s["gender_bias_before"] >= 0.6 and s["race_bias_before"] >= 0.25
+    for prefix in ("train_", ""):
+        for a in ("gender", "race", "gender_race"):
+            assert s[f"{prefix}{a}_bias_after"] < s[f"{prefix}{a}_bias_before"], (prefix, a)
+    assert s["similarity_after"] >= 0.9 and s["degraded_rate_after"] <= 0.10
+
+
+_SHORT = f"{STEPS} steps, {IMAGES} images per prompt"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key, bound", [
+    pytest.param("gender_bias_after", 0.30, marks=pytest.mark.xfail(strict=True, reason=(
+        f"{_SHORT}: measured 0.382; the full demo (500 steps, 128 images) measured 0.117"))),
+    ("race_bias_after", 0.15),
+    pytest.param("train_gender_bias_after", 0.15, marks=pytest.mark.xfail(strict=True, reason=(
+        f"{_SHORT}: measured 0.422; at 32 images even a fair model scores 0.139 (gender_bias_floor)"))),
+    pytest.param("train_race_bias_after", 0.10, marks=pytest.mark.xfail(strict=True, reason=(
+        f"{_SHORT}: measured 0.137; at 32 images even a fair model scores 0.099 (race_bias_floor)"))),
+])
+def test_short_demo_against_the_full_demos_bias_targets(short_demo, key, bound):
+    """The full demo's acceptance bounds after finetuning (held-out gender <= 0.30, race <= 0.15; training gender <=
+    0.15, race <= 0.10), asserted as designed; the shortened run misses three of them (xfail, with the figure)."""
+    assert short_demo[1][key] <= bound
 
 
 def test_pairs_grid_puts_each_original_above_its_debiased_image(tmp_path):
