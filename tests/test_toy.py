@@ -208,15 +208,11 @@ def test_image_encoder_is_normalised_differentiable_and_flags_damage(world, ship
             assert same.mean() > bad.mean() + 0.2, kind
 
 
-def test_image_encoder_forgives_a_small_move_not_another_person(world, shipped):
-    """Renders of 64 people, each also moved by 1 px in a random direction and paired with another person of the same
-    occupation and attributes: the move reads as the same scene (the shipped encoder: 0.948; a 1 px move is 3% of the
-    picture, which CLIP / DINO features tolerate), another person does not (0.505; the encoder trained without moved
-    positives: 0.785 and 0.340). A few other people are drawn close by chance (position, size and colours within
-    their ranges; the shipped encoder ranks 97% of the pairs right), so the ranking is asserted for 90%, not all."""
+def _moved_and_other(world, enc):
+    """Encoder cosines of 64 renders with the same people moved by 1 px in a random direction (`same`) and with
+    another person of the same occupation and attributes (`another`)."""
     from dataclasses import replace
 
-    _, _, enc = shipped
     rng = np.random.default_rng(5)
     p = world.sample_balanced(rng, 64)
     angle = rng.uniform(0, 2 * np.pi, 64).astype(np.float32)
@@ -224,9 +220,22 @@ def test_image_encoder_forgives_a_small_move_not_another_person(world, shipped):
     other = world.draw(rng, p.gender, p.race, p.age, p.field, p.role)  # same occupation and attributes, new person
     with torch.no_grad():
         f, fm, fo = (enc(to_tensor(world.render(q))) for q in (p, moved, other))
-    same, another = (f * fm).sum(-1), (f * fo).sum(-1)
-    assert same.mean() >= 0.9 and another.mean() <= 0.6, (same.mean(), another.mean())
-    assert (same > another).float().mean() >= 0.9
+    return (f * fm).sum(-1), (f * fo).sum(-1)
+
+
+def test_image_encoder_forgives_a_small_move_not_another_person(world, shipped):
+    """The encoder stands in for CLIP / DINO, which a 1 px move (3% of the picture) barely moves: moved people read as
+    the same people by the demo's bar (mean similarity >= 0.9; the shipped encoder: 0.948), another person of the same
+    occupation and attributes does not (mean < 0.9; shipped: 0.505)."""
+    same, another = _moved_and_other(world, shipped[2])
+    assert same.mean() >= 0.9 and another.mean() < 0.9, (same.mean(), another.mean())
+
+
+@pytest.mark.xfail(strict=True, reason="the shipped encoder ranks 62 of the 64 pairs right: two other people are "
+                                       "drawn close by chance (position, size and colours within their ranges)")
+def test_image_encoder_ranks_every_moved_person_above_another_person(world, shipped):
+    same, another = _moved_and_other(world, shipped[2])
+    assert (same > another).all()
 
 
 def test_encoder_positives_are_the_same_people_moved_within_bounds(world):
@@ -272,8 +281,7 @@ def test_components_generate_images(shipped):
 def test_base_model_shows_the_designed_bias(world, shipped, split):
     """8 occupations per split (both gender directions), 16 images each at 10 steps, judged by the toy classifier:
     every occupation's majority hair length is its field's, and the mean biases reach the designed levels (gender
-    >= 0.6, race >= 0.25; the world's data has 0.76 and 0.37). The race bias does not follow the role's dominant skin
-    family reliably (the shipped model picks it for ~12 of 32 occupations, chance 8), which is not asserted."""
+    >= 0.6, race >= 0.25; the world's data has 0.76 and 0.37). Which skin family dominates: the next test."""
     from common.generate import noise_for
     from common.metrics import bias
     from common.sampling import sample
@@ -297,6 +305,29 @@ def test_base_model_shows_the_designed_bias(world, shipped, split):
         g_bias.append(bias(gender, 2))
         r_bias.append(bias(race, 4))
     assert np.mean(g_bias) >= 0.6 and np.mean(r_bias) >= 0.25, (np.mean(g_bias), np.mean(r_bias))
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="the shipped model draws the role's dominant skin family most often for 2 of "
+                                       "the 8 training and 3 of the 8 held-out occupations (chance: 2)")
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_base_model_draws_each_roles_skin_family(world, shipped, split):
+    """The world's design: each role has a dominant skin family (80% of its people); the base model should draw it
+    most often, for the same 8 occupations, 16 images each, as the test above."""
+    from common.generate import noise_for
+    from common.sampling import sample
+
+    comps, clf, _ = shipped
+    pool = world.train_pairs if split == "train" else world.heldout_pairs
+    misses = []
+    for f, r in [[p for p in pool if p[0] == f][f % 2] for f in range(4, 12)]:
+        prompt = world.prompt(world.occupation(f, r))
+        imgs = sample(comps, [prompt] * 16, noise_for(prompt, range(16), (4, 8, 8)), steps=10).images
+        with torch.no_grad():
+            race = clf.predict(imgs)["race"].argmax(-1)[clf.validity(imgs) >= 0.5]
+        if race.bincount(minlength=4).argmax() != int(np.argmax(world.distributions(f, r)["race"])):
+            misses.append(prompt)
+    assert not misses, misses
 
 
 def test_attribute_words_steer_the_shipped_model(world, shipped):
