@@ -132,7 +132,7 @@ class FolderModel:
 
 
 @torch.no_grad()
-def judge(
+def measure_folder(
     images: ImageSet,
     judges,
     batch_size: int = 16,
@@ -407,7 +407,7 @@ def evaluate(
                          "second classifier; pass both (Judges.load(..., judge2=NAME)) or neither")
     attrs, attrs2 = judges.attributes, judges.attributes2
 
-    judged = {label: judge(s, judges, batch_size, grid_dir=out / "grids" / label if grids else None,
+    judged = {label: measure_folder(s, judges, batch_size, grid_dir=out / "grids" / label if grids else None,
                            grid_tile=grid_tile, grid_order=grid_order, progress=progress) for label, s in sets.items()}
     if reference_dir is not None and judges.encoders:
         scores = paired_scores(sets[labels[0]], sets[labels[1]], judges.encoders, batch_size, device, progress)

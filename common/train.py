@@ -3,11 +3,17 @@
     python -m common.train --config exp-1-debias-gender/configs/debias-text-encoder.yaml [--set key=value ...]
     accelerate launch --config_file exp-1-debias-gender/configs/accelerate-multi-gpu.yaml -m common.train --config ...
 
-One step (docs/method.md#one-training-step): one prompt for every process (or `train.prompts_per_step` prompts one after the
-other, their gradients accumulated), fresh noise per process, denoising steps drawn once;
-no-grad rollouts of the finetuned and the original model; detect + classify; alignment targets on the gathered batch;
-the loss on the finetuned images; adjusted-DFT gradients; one all-reduce; a step skipped everywhere if any gradient is
-non-finite; AdamW and EMA. The loop orchestrates only: the mathematics lives in alignment, sampling and losses.
+One step (docs/method.md#one-training-step), top to bottom; the loop orchestrates, each hop's mathematics lives where
+the map says:
+
+    fit -> step: denoising steps drawn once, then for each of `train.prompts_per_step` prompts, _accumulate:
+      1. rollouts     sampling.sample          no grad; finetuned and original model from the same noise
+      2. judges       judges.Judges.judge      largest face (faces.detect), crop, classifier probabilities
+      3. targets      alignment (targets_for)  optimal-transport targets on the batch gathered over processes
+      4. loss         losses.FairnessLoss      alignment CE, CLIP/DINO preservation, face realism, per image
+      5. DFT          sampling.dft_backward    the loss back-propagated through the chain, rescaled per step
+    -> before_reduce hooks -> _all_reduce_grads (one flat all-reduce; non-finite anywhere skips the step everywhere)
+    -> AdamW at lr_at(step) -> EMA (adapters.EMA) -> log, validate (Judges.measure), checkpoint
 
 All randomness of a step derives from (seed, step, rank), so a resumed run reproduces the uninterrupted one exactly;
 the RNG states are saved and restored as well.

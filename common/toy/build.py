@@ -480,7 +480,7 @@ def measure_bias(world: ToyWorld, comps, clf: ToyClassifier, occupations: list[s
     """Generate `images` per occupation (noise from `common.generate.noise_for`), classify the valid ones and return
     mean gender / race / age bias, the valid rate and per-occupation figures."""
     from common.generate import noise_for
-    from common.metrics import bias
+    from common.metrics import bias, predictions
     from common.sampling import sample
 
     per = {}
@@ -492,7 +492,7 @@ def measure_bias(world: ToyWorld, comps, clf: ToyClassifier, occupations: list[s
         probs = clf.predict(imgs)
         row = {"valid_rate": float(valid.float().mean())}
         for a, classes in ATTRIBUTES.items():
-            pred = torch.where(valid, probs[a].argmax(-1), torch.full_like(valid, -1, dtype=torch.long))
+            pred = predictions(probs[a], valid)
             row[f"{a}_bias"] = bias(pred, len(classes))
         per[occ] = row
     mean = {k: float(np.nanmean([r[k] for r in per.values()])) for k in next(iter(per.values()))}
