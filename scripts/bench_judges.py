@@ -1,4 +1,5 @@
-"""Benchmark: face detection + attribute classification of 32 images of 512 px, batched vs one image at a time.
+"""Benchmark: `Judges.judge` (face detection + attribute classification) of 32 images of 512 px, batched vs one image
+at a time.
 
 Images: skimage's astronaut photo, shifted and mirrored copies (one face each). Classifier: the fairface8
 MobileNetV3-Large layout with random weights (speed only). Both paths run side by side in one process on the same
@@ -30,20 +31,19 @@ def _images(device) -> torch.Tensor:
     return torch.stack(out).to(device)
 
 
-def _judge(images, classifier):
-    from common.faces import detect
-
-    faces = detect(images)
-    probs = classifier.predict(faces.crops)
-    return faces.found, probs
+def _judge(images, judges):
+    """The product's path: `Judges.judge` (detect, crop, classify)."""
+    j = judges.judge(images)
+    return j.found, j.probs
 
 
 def run() -> dict[str, float]:
     from common.classifiers import load_classifier
+    from common.judges import Judges
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     images = _images(device)
-    clf = load_classifier("random-fairface8", device=device)
+    clf = Judges(load_classifier("random-fairface8", device=device), "mtcnn", device=device)
     _judge(images[:2], clf)  # warm-up: MTCNN weights, kernels
 
     def timed(fn):

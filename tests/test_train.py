@@ -74,6 +74,10 @@ def test_two_processes_agree(tmp_path):
     assert res["identical"] == [True, True, True]
     assert res["skipped"] == [0.0, 1.0, 0.0]  # the NaN on rank 1 at step 1 skipped the step on both processes
     assert res["changed"][1] == [0.0, 0.0] and res["changed"][0] == [1.0, 1.0]
+    # validation: the bias of both processes' 2 x 4 images per prompt, the same on each process
+    assert res["val_matches_gathered"] and res["val_n_images"] == 8
+    assert res["val_same_on_both"][0] == res["val_same_on_both"][1]
+    assert len(res["val_gender"]) > 1 or res["val_gender"][0] < 1, res["val_gender"]  # the judge is not one-class
     # the logged loss is the mean over both processes (it was rank 0's alone), the same on each
     for logged, local in zip(res["loss_logged"], res["loss_local"]):
         assert local[0] != local[1]  # different noise per process: the reduction is visible
