@@ -179,7 +179,8 @@ class LossConfig:
     """several attributes: one transport problem over the joint space (the paper; targets are the product
     distribution) or, when false, one per attribute (matches each marginal, not the joint cells). With a near-one-hot
     classifier the joint plan spreads a confident batch's flips of one attribute over many images, each below
-    `confidence_threshold`, so that attribute gets almost no targets (the toy world's gender under gender x race)"""
+    `confidence_threshold`, so that attribute gets almost no targets
+    (docs/toy-world.md#a-joint-plan-starves-a-confident-attribute)"""
     mc_samples: int = 100
     """Monte Carlo samples per process"""
     exact_mass: float | None = None
