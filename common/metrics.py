@@ -413,8 +413,8 @@ def target_kind(attr: Attribute) -> str:
 
 def distance_to_target(pred: torch.Tensor, attr: Attribute) -> tuple[str, float]:
     """How far one prompt's images are from `attr`'s target: (`target_kind(attr)`, its value). `pred`: LongTensor[n]
-    classes, -1 for no face. The one rule by which `summarize`, the trainer's logs and validation and the toy probe
-    name and compute their per-attribute figure."""
+    classes, -1 for no face. The one rule by which `summarize` (so validation and evaluation, `Judges.measure`) and
+    the trainer's step logs name and compute their per-attribute figure."""
     f = frequencies(pred, attr.num_classes)
     kind = target_kind(attr)
     return kind, float(pairwise_gap(f) if kind == "bias" else target_distance(f, attr.target))
