@@ -66,7 +66,7 @@ _SHORT = f"{STEPS} steps, {IMAGES} images per prompt"
 @pytest.mark.slow
 @pytest.mark.parametrize("key, bound", [
     pytest.param("gender_bias_after", 0.30, marks=pytest.mark.xfail(strict=True, reason=(
-        f"{_SHORT}: measured 0.382; the full demo (500 steps, 128 images) measured 0.117"))),
+        f"{_SHORT}: measured 0.382; the full demo (500 steps, 128 images) measured 0.162"))),
     ("race_bias_after", 0.15),
     pytest.param("train_gender_bias_after", 0.15, marks=pytest.mark.xfail(strict=True, reason=(
         f"{_SHORT}: measured 0.422; at 32 images even a fair model scores 0.139 (gender_bias_floor)"))),
