@@ -42,7 +42,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from common.attributes import Attribute
-from common.judges import HUB_OPTIONS
+from common.judges import hub_options
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 SCORES = ("clip_t", "clip_i", "dino")
@@ -513,8 +513,7 @@ def cli_classifier_kwargs(input_size: int | None = None, label_map: str | None =
     if judges_config:
         from common.config import load_config
 
-        j = load_config(judges_config).judges
-        out.update({k: getattr(j, k) for k in HUB_OPTIONS if getattr(j, k)})
+        out.update(hub_options(load_config(judges_config).judges))
     if label_map:
         from common.hub_judges import read_label_map
 

@@ -14,6 +14,7 @@ figure in a training log and the same figure in an evaluation report are compute
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 
@@ -306,14 +307,12 @@ class Judges:
         """The same models measuring against other target distributions ({attribute: probabilities})."""
         if not targets:
             return self
-        new = object.__new__(Judges)
-        new.__dict__.update(self.__dict__)
+        new = copy.copy(self)
         if self.classifier2 is None:
             new.attributes = attribute_specs(self.classifier.attributes, targets)
         else:
             new.attributes, new.attributes2 = judge_attributes(self.classifier.attributes,
                                                                self.classifier2.attributes, targets)
-        new.heads = {a.name: a.name for a in new.attributes}
         return new
 
     # ------------------------------------------------------------------------------------------------ judging
@@ -402,6 +401,11 @@ class Judges:
 
 HUB_OPTIONS = ("label_map", "clip_prompts")
 """`load_classifier` keywords that only hub judges (`hf:`, `clip:`) take"""
+
+
+def hub_options(judges_config) -> dict:
+    """The hub judges' keywords set in a config's `judges` section (`label_map`, `clip_prompts`; empty ones left out)."""
+    return {k: getattr(judges_config, k) for k in HUB_OPTIONS if getattr(judges_config, k)}
 
 
 def judge_kwargs(judge1: str, judge2: str | None, kwargs: Mapping | None) -> tuple[dict, dict]:

@@ -198,9 +198,9 @@ class Trainer:
 
         # judges: face detector, attribute classifier, image and face encoders, face bank (common/judges.py)
         self.judges = Judges.from_config(cfg, self.device, dtype)
-        self.attrs = cfg.attribute_specs()
-        self.heads = {a.name: cfg.attributes[a.name].head or a.name for a in self.attrs}
-        self.keep_heads = {h: h for h in cfg.loss.keep}  # classifier outputs kept image by image (not debiased)
+        self.attrs = self.judges.attributes  # the debiased attributes; the judges also read the kept ones
+        self.heads = {a.name: self.judges.heads[a.name] for a in self.attrs}
+        self.keep_heads = {a: h for a, h in self.judges.heads.items() if a not in self.heads}  # kept, not debiased
         lw = cfg.loss
         self.weights = LossWeights(
             w_img=lw.w_img, w_face=lw.w_face,

@@ -43,8 +43,8 @@ def run() -> dict[str, float]:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     images = _images(device)
-    clf = Judges(load_classifier("random-fairface8", device=device), "mtcnn", device=device)
-    _judge(images[:2], clf)  # warm-up: MTCNN weights, kernels
+    judges = Judges(load_classifier("random-fairface8", device=device), "mtcnn", device=device)
+    _judge(images[:2], judges)  # warm-up: MTCNN weights, kernels
 
     def timed(fn):
         if device == "cuda":
@@ -60,10 +60,10 @@ def run() -> dict[str, float]:
         order = ("batch", "loop") if r % 2 == 0 else ("loop", "batch")
         for path in order:
             if path == "batch":
-                t, (found_b, probs_b) = timed(lambda: _judge(images, clf))
+                t, (found_b, probs_b) = timed(lambda: _judge(images, judges))
                 batch_times.append(t)
             else:
-                t, outs = timed(lambda: [_judge(images[i : i + 1], clf) for i in range(N_IMAGES)])
+                t, outs = timed(lambda: [_judge(images[i : i + 1], judges) for i in range(N_IMAGES)])
                 loop_times.append(t)
     t_batch, t_loop = statistics.median(batch_times), statistics.median(loop_times)
     found_l = torch.cat([f for f, _ in outs])

@@ -126,7 +126,7 @@ def run_demo(out: str | Path = "outputs/demo", config: str | Path = DEFAULT_CONF
     """Train on the toy world with `config`, measure, write everything under `out`; returns summary.json's content.
     `judge2`: a second evaluation classifier (default the config's judges.agreement; none in the toy configs)."""
     from common.config import load_config
-    from common.judges import Judges
+    from common.judges import Judges, hub_options
     from common.toy.world import ToyWorld
     from common.train import Trainer
 
@@ -143,9 +143,8 @@ def run_demo(out: str | Path = "outputs/demo", config: str | Path = DEFAULT_CONF
               "heldout": measured_prompts(world, world.heldout_pairs, n_prompts)}
     judge2 = judge2 or cfg.judges.agreement
     j = cfg.judges
-    hub = {k: getattr(j, k) for k in ("label_map", "clip_prompts") if getattr(j, k)}  # for hf: / clip: judges
     judges = Judges.load(j.eval_classifier, detector=j.detector, image_encoders=j.features, device=trainer.device,
-                         classifier_kwargs=hub, judge2=judge2)
+                         classifier_kwargs=hub_options(j), judge2=judge2)
     reports = {s: _measure(trainer, judges, p, out / s, images, judge2) for s, p in splits.items()}
     summaries = {s: r["summaries"] for s, r in reports.items()}
 
